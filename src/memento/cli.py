@@ -1,0 +1,520 @@
+"""The ``memento`` command line: check memento data and look inside single traces.
+
+``memento validate FILE`` reads every record of a JSONL file, Parquet file or HF dataset directory,
+reports each malformed one by its line (JSONL) or row (Parquet, HF) with the position and reason,
+and prints statistics (blocks per trace, tokens per block and memento, compression).
+
+``memento inspect FILE --record N`` shows one trace in colour and can draw its attention mask
+(who sees what under a given knob setting) to a PNG.
+
+Exit codes: 0 all good, 1 malformed data, 2 usage errors (missing file, unknown format, bad option).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.panel import Panel
+from rich.rule import Rule
+from rich.table import Table
+from rich.text import Text
+
+from memento.format import (
+    BLOCK_END,
+    BLOCK_START,
+    SUMMARY_END,
+    SUMMARY_START,
+    THINK_END,
+    THINK_START,
+    MementoFormatError,
+    MementoTrace,
+    render_response,
+    trace_from_record,
+)
+from memento.records_io import RecordReadError, RecordSource, RecordSourceError, open_records
+from memento.stats import StatsAccumulator, is_approximate, stats_rows
+from memento.tokens import TextTokenizer, load_tokenizer
+
+app = typer.Typer(
+    name="memento",
+    help="MEMENTO: teach language models to manage their own context. Check and inspect memento traces.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+PROGRESS_MIN_RECORDS = 2000
+"""Below this many records no progress bar is shown (and only ever on a terminal's stderr)."""
+
+STYLE_DELIMITER = "magenta"
+STYLE_BLOCK = "blue"
+STYLE_MEMENTO = "bold green"
+STYLE_ANSWER = "yellow"
+STYLE_PROMPT = "cyan"
+
+FULL_SCHEMA_FIELDS = ("sentences", "blocks", "block_summaries")
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def _fail(message: str, code: int = 2) -> NoReturn:
+    """Print ``error: message`` on stderr and exit with ``code``."""
+    Console(stderr=True, highlight=False).print(Text(f"error: {message}", style="bold red"), soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _open(file: Path, split: str | None) -> RecordSource:
+    try:
+        return open_records(file, split=split)
+    except RecordSourceError as exc:
+        _fail(str(exc))
+
+
+def _tokenizer(path: Path | None) -> TextTokenizer:
+    try:
+        return load_tokenizer(path)
+    except Exception as exc:  # transformers raises many kinds for an unusable directory
+        _fail(f"cannot load the tokenizer at {path}: {exc}")
+
+
+def _tokenizer_label(tok: TextTokenizer) -> str:
+    if is_approximate(tok):
+        return tok.name if "approximate" in tok.name else f"{tok.name} (approximate)"
+    return tok.name
+
+
+def _to_trace(label: int, record: dict[str, Any] | RecordReadError) -> MementoTrace[str]:
+    """The trace of a record; every defect becomes a :class:`MementoFormatError` with the label."""
+    if isinstance(record, RecordReadError):
+        raise record
+    try:
+        return trace_from_record(record)
+    except MementoFormatError as exc:
+        raise exc.for_record(label) from None
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:  # e.g. blocks: [["a"]]
+        raise MementoFormatError(f"malformed record: {type(exc).__name__}: {exc}", record=label) from None
+
+
+def _schema_of(record: dict[str, Any]) -> str:
+    return "full" if any(record.get(name) is not None for name in FULL_SCHEMA_FIELDS) else "default"
+
+
+def _error_line(source: RecordSource, error: MementoFormatError) -> str:
+    """``line 12: position 345: reason`` (or ``row 3: reason`` without a position)."""
+    parts = []
+    if error.record is not None:
+        parts.append(source.describe(int(error.record)))
+    if error.position is not None:
+        parts.append(f"position {error.position}")
+    parts.append(error.reason)
+    return ": ".join(parts)
+
+
+def _error_json(source: RecordSource, error: MementoFormatError) -> dict[str, Any]:
+    return {
+        "label": error.record,
+        "where": source.describe(int(error.record)) if error.record is not None else None,
+        "position": error.position,
+        "reason": error.reason,
+    }
+
+
+def _stderr_is_terminal() -> bool:
+    return sys.stderr.isatty()
+
+
+@contextmanager
+def _progress(source: RecordSource, console: Console, enabled: bool) -> Iterator[Callable[[], None]]:
+    """A callback advancing a transient progress bar on stderr, or a no-op when not wanted."""
+    total = source.count() if enabled else 0
+    if not enabled or total < PROGRESS_MIN_RECORDS:
+        yield lambda: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("validating"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("validate", total=total)
+        yield lambda: progress.advance(task)
+
+
+# ----------------------------------------------------------------------------------------------
+# validate
+# ----------------------------------------------------------------------------------------------
+
+
+@app.callback()
+def _root() -> None:
+    """MEMENTO: teach language models to manage their own context. Check and inspect memento traces."""
+
+
+FileArg = Annotated[
+    Path,
+    typer.Argument(
+        help="Records: a .jsonl/.ndjson/.json(.gz) file, a .parquet file, or an HF dataset directory "
+        "(datasets save_to_disk).",
+        show_default=False,
+    ),
+]
+TokenizerOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--tokenizer",
+        help="An HF tokenizer directory with the memento tokens; default: the offline regex stand-in "
+        "(approximate counts).",
+        metavar="DIR",
+    ),
+]
+SplitOpt = Annotated[
+    str | None,
+    typer.Option("--split", help="Split of an HF DatasetDict directory; default: 'train' or the only split."),
+]
+
+
+@app.command()
+def validate(
+    file: FileArg,
+    tokenizer: TokenizerOpt = None,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object (stats and errors) on stdout, nothing else.")
+    ] = False,
+    max_errors: Annotated[
+        int,
+        typer.Option(
+            "--max-errors", min=0, help="Report at most N errors (0: all). Every record is checked regardless."
+        ),
+    ] = 50,
+    split: SplitOpt = None,
+) -> None:
+    """Check every record of FILE against the memento format and print statistics.
+
+    Each malformed record is reported as `line 12: position 345: reason` (JSONL lines count from 1,
+    Parquet/HF rows from 0; positions are character offsets into the response). Both the default
+    schema and the full schema (sentences, blocks, block_summaries cross-checked against the
+    response) are accepted. Exits 1 if any record is malformed or the file has none.
+    """
+    source = _open(file, split)
+    tok = _tokenizer(tokenizer)
+    out = Console(highlight=False)
+    err = Console(stderr=True, highlight=False)
+    acc = StatsAccumulator(tok)
+    schemas = {"default": 0, "full": 0}
+    shown: list[MementoFormatError] = []
+    n_errors = 0
+    total = 0
+    try:
+        with _progress(source, err, enabled=_stderr_is_terminal()) as advance:
+            for label, record in source:
+                total += 1
+                advance()
+                try:
+                    trace = _to_trace(label, record)
+                except MementoFormatError as error:
+                    n_errors += 1
+                    if max_errors == 0 or n_errors <= max_errors:
+                        shown.append(error)
+                        if not json_output:
+                            out.print(Text(_error_line(source, error), style="red"), soft_wrap=True)
+                    continue
+                acc.add(trace)
+                assert isinstance(record, dict)
+                schemas[_schema_of(record)] += 1
+    except RecordSourceError as exc:
+        _fail(str(exc))
+
+    stats = acc.result()
+    stats["schema"] = schemas
+    ok = n_errors == 0 and total > 0
+    if json_output:
+        payload = {
+            "file": str(file),
+            "format": source.format,
+            "ok": ok,
+            "records": total,
+            "valid": total - n_errors,
+            "invalid": n_errors,
+            "stats": stats,
+            "errors": [_error_json(source, e) for e in shown],
+            "errors_truncated": len(shown) < n_errors,
+        }
+        typer.echo(json.dumps(payload, ensure_ascii=False))
+        raise typer.Exit(0 if ok else 1)
+
+    if total == 0:
+        out.print(Text(f"✗ no records in {file}", style="bold red"), soft_wrap=True)
+        raise typer.Exit(1)
+    if n_errors:
+        if len(shown) < n_errors:
+            out.print(f"… and {n_errors - len(shown):,} more (--max-errors 0 shows all)", soft_wrap=True)
+        out.print(
+            Text(f"✗ {n_errors:,} of {total:,} records are malformed", style="bold red"),
+            soft_wrap=True,
+        )
+    else:
+        out.print(Text(f"✓ all {total:,} records are well-formed", style="bold green"), soft_wrap=True)
+    if stats["records"]:
+        what = "all records" if not n_errors else f"the {stats['records']:,} well-formed records"
+        schema_note = ", ".join(f"{n:,} {name}" for name, n in schemas.items() if n)
+        table = Table(title=f"Statistics of {what} ({schema_note} schema)", title_justify="left")
+        table.add_column("quantity", style="bold")
+        table.add_column("value")
+        for name, value in stats_rows(stats):
+            if name == "tokenizer":
+                value = _tokenizer_label(tok)
+            table.add_row(name, value)
+        out.print(table)
+    raise typer.Exit(1 if n_errors else 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# inspect
+# ----------------------------------------------------------------------------------------------
+
+
+def _defect_context(record: dict[str, Any], error: MementoFormatError, width: int = 60) -> Text | None:
+    """The response around a defect's position, with a marker at the position."""
+    response = record.get("response")
+    if error.position is None or not isinstance(response, str) or error.position > len(response):
+        return None
+    pos = error.position
+    start, stop = max(0, pos - width), min(len(response), pos + width)
+    text = Text("response: ", style="bold")
+    text.append(("…" if start else "") + repr(response[start:pos])[1:-1], style="dim")
+    text.append(" ▶ ", style="bold red")
+    text.append(repr(response[pos:stop])[1:-1] + ("…" if stop < len(response) else ""))
+    return text
+
+
+def _delim(token: str) -> Text:
+    return Text(token, style=STYLE_DELIMITER)
+
+
+def _print_trace(out: Console, trace: MementoTrace[str], tok: TextTokenizer, header: str, meta: dict[str, Any]) -> None:
+    count = tok.count
+    out.print(Rule(Text(header, style="bold")))
+    details = " · ".join(f"{k}: {v}" for k, v in meta.items() if v not in (None, ""))
+    if details:
+        out.print(Text(details, style="dim"), soft_wrap=True)
+    out.print(
+        Panel(
+            Text(trace.prompt),
+            title=f"prompt · {count(trace.prompt):,} tokens",
+            title_align="left",
+            border_style=STYLE_PROMPT,
+        )
+    )
+    out.print(_delim(THINK_START))
+    total_block = total_memento = 0
+    for i, unit in enumerate(trace.units, start=1):
+        b, m = count(unit.block), count(unit.memento)
+        total_block += b
+        total_memento += m
+        ratio = f" · memento/block {m / b:.2f}" if b else ""
+        out.print(Rule(Text(f"unit {i} · block {b:,} tokens · memento {m:,} tokens{ratio}"), align="left"))
+        block = Text()
+        block.append(BLOCK_START, style=STYLE_DELIMITER)
+        block.append(unit.block, style=STYLE_BLOCK)
+        block.append(BLOCK_END, style=STYLE_DELIMITER)
+        out.print(block)
+        memento = Text()
+        memento.append(SUMMARY_START, style=STYLE_DELIMITER)
+        memento.append(unit.memento, style=STYLE_MEMENTO)
+        memento.append(SUMMARY_END, style=STYLE_DELIMITER)
+        out.print(memento)
+    out.print(Rule(style="dim"))
+    out.print(_delim(THINK_END))
+    answer = trace.final_answer
+    out.print(Rule(Text(f"answer · {count(answer):,} tokens"), align="left"))
+    out.print(Text(answer, style=STYLE_ANSWER) if answer else Text("(no answer)", style="dim"))
+    compression = f"{total_block / total_memento:.2f}×" if total_memento else "-"
+    out.print(Rule(style="dim"))
+    out.print(
+        f"{len(trace.units)} units · {total_block:,} block tokens → {total_memento:,} memento tokens "
+        f"(compression {compression}) · tokenizer: {_tokenizer_label(tok)}",
+        soft_wrap=True,
+    )
+
+
+def _draw_mask(
+    trace: MementoTrace[str],
+    tok: TextTokenizer,
+    config: Any,
+    path: Path,
+    *,
+    title_head: str,
+    max_tokens: int,
+    with_prompt: bool,
+    out: Console,
+) -> None:
+    from memento import viz
+    from memento.masking import compute_visibility
+
+    specials = tok.specials
+    special_ids = set(specials.by_kind().values())
+    prompt_ids = tok.encode(trace.prompt) if with_prompt and trace.prompt else []
+    if any(t in special_ids for t in prompt_ids):
+        out.print(
+            Text("note: the prompt quotes special tokens; it is left out of the mask", style="yellow"),
+            soft_wrap=True,
+        )
+        prompt_ids = []
+    ids = prompt_ids + tok.encode(render_response(trace))
+    try:
+        vis = compute_visibility(ids, specials, config)
+    except MementoFormatError as exc:
+        _fail(f"the tokenised trace is not well-formed under {tok.name}: {exc}", code=1)
+    roles = viz.row_roles(vis, viz.token_roles(ids, specials))
+    summary = viz.mask_summary(vis)
+    rows = summary["rows"]
+    shown = min(rows, max_tokens)
+    counts = f"{summary['tokens']:,} tokens"
+    if config.restart:
+        counts += f" ({rows:,} rows in the restart layout)"
+    title = (
+        f"{title_head} · {viz.describe_config(config)}\n"
+        f"{counts} · visible {summary['visible_fraction']:.1%} of causal cells · "
+        f"peak live KV {summary['peak_live_kv']:,} vs {summary['vanilla_peak_kv']:,} vanilla "
+        f"({summary['peak_ratio']:.2f}×)"
+    )
+    note = None
+    if shown < rows:
+        note = f"truncated: the first {shown:,} of {rows:,} rows and columns shown (--max-tokens); counts are over all"
+    if not prompt_ids:
+        note = (note + "; " if note else "") + "prompt not included"
+    row_label = "query (token attending)"
+    if config.restart:
+        row_label = "query row (restart: expanded layout, recomputed memento rows inserted)"
+    viz.draw_mask_png(
+        vis,
+        roles,
+        path,
+        title,
+        max_tokens=max_tokens,
+        ticks=viz.unit_ticks(vis, ids, specials),
+        note=note,
+        row_label=row_label,
+    )
+    out.print(
+        f"wrote {path}: {counts}, {shown:,} shown · visible {summary['visible_fraction']:.1%} · peak live KV "
+        f"{summary['peak_live_kv']:,} vs {summary['vanilla_peak_kv']:,} vanilla ({summary['peak_ratio']:.2f}×)",
+        soft_wrap=True,
+        highlight=False,
+    )
+
+
+@app.command("inspect")
+def inspect_command(
+    file: FileArg,
+    record: Annotated[
+        int,
+        typer.Option(
+            "--record",
+            "-r",
+            help="Which record: the JSONL line number (from 1) or the Parquet/HF row index (from 0), "
+            "as `validate` labels them.",
+            show_default=False,
+        ),
+    ],
+    tokenizer: TokenizerOpt = None,
+    mask_png: Annotated[
+        Path | None, typer.Option("--mask-png", help="Draw the attention mask to this PNG.", metavar="PATH")
+    ] = None,
+    keep_last_n: Annotated[
+        int, typer.Option("--keep-last-n", help="-1 vanilla, 0 memento, N keep the N newest finished blocks.")
+    ] = 0,
+    mask_delimiters: Annotated[
+        bool,
+        typer.Option(
+            "--mask-delimiters/--no-mask-delimiters", help="Also hide an evicted block's two delimiters (Phi-4)."
+        ),
+    ] = False,
+    keep_last_block_for_answer: Annotated[
+        bool,
+        typer.Option("--keep-last-block-for-answer", help="Keep the newest finished block until the next one starts."),
+    ] = False,
+    restart: Annotated[
+        bool, typer.Option("--restart", help="Restart ablation: mementos recomputed without their block.")
+    ] = False,
+    max_tokens: Annotated[
+        int, typer.Option("--max-tokens", min=1, help="Draw at most this many rows/columns of the mask.")
+    ] = 512,
+    with_prompt: Annotated[
+        bool, typer.Option("--prompt/--no-prompt", help="Include the problem's tokens in the mask.")
+    ] = True,
+    split: SplitOpt = None,
+) -> None:
+    """Show one trace of FILE in colour; with --mask-png, draw who sees what.
+
+    Blocks are blue, mementos green, delimiters magenta and the answer yellow, each unit with its
+    token counts. A malformed record prints its defect and exits 1.
+    """
+    config = None
+    if mask_png is not None:
+        from memento.masking import MaskConfig
+
+        try:
+            config = MaskConfig(
+                keep_last_n=keep_last_n,
+                mask_delimiters=mask_delimiters,
+                keep_last_block_for_answer=keep_last_block_for_answer,
+                restart=restart,
+            )
+        except ValueError as exc:
+            _fail(str(exc))
+        if not mask_png.parent.is_dir():
+            _fail(f"cannot write {mask_png}: no directory {mask_png.parent}")
+    source = _open(file, split)
+    tok = _tokenizer(tokenizer)
+    out = Console(highlight=False)
+    try:
+        raw = source.get(record)
+    except RecordSourceError as exc:
+        _fail(str(exc))
+    where = source.describe(record)
+    try:
+        trace = _to_trace(record, raw)
+    except MementoFormatError as error:
+        out.print(Text(f"✗ {_error_line(source, error)}", style="bold red"), soft_wrap=True)
+        if isinstance(raw, dict):
+            context = _defect_context(raw, error)
+            if context is not None:
+                out.print(context, soft_wrap=True)
+        raise typer.Exit(1) from None
+    assert isinstance(raw, dict)
+    meta = {
+        "schema": _schema_of(raw),
+        "domain": raw.get("domain"),
+        "source": raw.get("source"),
+        "difficulty": raw.get("difficulty"),
+    }
+    _print_trace(out, trace, tok, f"{file.name} · {where}", meta)
+    if mask_png is not None:
+        _draw_mask(
+            trace,
+            tok,
+            config,
+            mask_png,
+            title_head=f"{file.name} {where}",
+            max_tokens=max_tokens,
+            with_prompt=with_prompt,
+            out=out,
+        )
+
+
+def main() -> None:
+    """Entry point of the ``memento`` console script."""
+    app(prog_name="memento")
+
+
+if __name__ == "__main__":
+    main()

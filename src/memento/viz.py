@@ -1,0 +1,253 @@
+"""Pictures of who sees what: the attention mask of one trace, coloured by what each key is.
+
+Rows are queries (the token attending), columns are keys (the token attended to). A visible cell
+takes the colour of its key's role (prompt and think tags, block reasoning, block delimiters,
+memento, answer); hidden cells are grey where the key is in the past but evicted, white where it
+is in the future. The mask itself comes from :mod:`memento.masking` (the one rule); this module
+only lays it out. Drawing uses matplotlib's Agg canvas directly, so no GUI backend is touched.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from memento.format import Kind, SpecialTokenIds
+
+if TYPE_CHECKING:
+    from memento.masking import MaskConfig, Visibility
+
+
+class Role(enum.IntEnum):
+    """What a token is, for colouring."""
+
+    PROMPT = 0
+    BLOCK = 1
+    BLOCK_DELIMITER = 2
+    MEMENTO = 3
+    ANSWER = 4
+    MEMENTO_RECOMPUTED = 5
+
+
+ROLE_LABELS: dict[Role, str] = {
+    Role.PROMPT: "prompt, <think>, </think>, gaps",
+    Role.BLOCK: "block reasoning",
+    Role.BLOCK_DELIMITER: "<|block_start|> / <|block_end|>",
+    Role.MEMENTO: "memento (with its delimiters)",
+    Role.ANSWER: "answer",
+    Role.MEMENTO_RECOMPUTED: "memento, recomputed (restart)",
+}
+ROLE_COLOURS: dict[Role, str] = {
+    Role.PROMPT: "#7f7f7f",
+    Role.BLOCK: "#4c72b0",
+    Role.BLOCK_DELIMITER: "#c44eb8",
+    Role.MEMENTO: "#2ca02c",
+    Role.ANSWER: "#e6a800",
+    Role.MEMENTO_RECOMPUTED: "#17becf",
+}
+HIDDEN_COLOUR = "#d9d9d9"
+FUTURE_COLOUR = "#ffffff"
+
+
+def token_roles(token_ids: Sequence[int] | np.ndarray, specials: SpecialTokenIds) -> np.ndarray:
+    """The :class:`Role` of every token of a (well-formed) sequence, as an int array.
+
+    Tokens before ``<think>`` (or, without a think id, before the first block) are prompt; the
+    think tags and whitespace between units count with the prompt (always visible); a memento's
+    role covers its two delimiters; everything after ``</think>`` (or, without a think-end id,
+    after the last memento) is answer.
+    """
+    ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
+    roles = np.full(len(ids), int(Role.PROMPT), dtype=np.int64)
+    has_think_end = specials.think_end is not None
+    state = Role.PROMPT
+    last_summary_end = -1
+    for pos, tid in enumerate(ids.tolist()):
+        kind = specials.kind_of(tid)
+        if kind is Kind.BLOCK_START:
+            roles[pos] = Role.BLOCK_DELIMITER
+            state = Role.BLOCK
+        elif kind is Kind.BLOCK_END:
+            roles[pos] = Role.BLOCK_DELIMITER
+            state = Role.PROMPT
+        elif kind is Kind.SUMMARY_START:
+            roles[pos] = Role.MEMENTO
+            state = Role.MEMENTO
+        elif kind is Kind.SUMMARY_END:
+            roles[pos] = Role.MEMENTO
+            state = Role.PROMPT
+            last_summary_end = pos
+        elif kind is Kind.THINK_END:
+            roles[pos] = Role.PROMPT
+            state = Role.ANSWER
+        elif kind is Kind.THINK_START:
+            roles[pos] = Role.PROMPT
+        else:
+            roles[pos] = state
+    if not has_think_end and last_summary_end >= 0:
+        roles[last_summary_end + 1 :] = Role.ANSWER
+    return roles
+
+
+def row_roles(vis: Visibility, roles: np.ndarray) -> np.ndarray:
+    """Roles per row of ``vis`` (the expanded layout in restart mode: copies are 'recomputed')."""
+    out = np.asarray(roles)[vis.source].copy()
+    is_original = np.zeros(len(vis), dtype=bool)
+    is_original[vis.output_rows] = True
+    out[~is_original] = Role.MEMENTO_RECOMPUTED
+    return out
+
+
+def live_kv(vis: Visibility) -> np.ndarray:
+    """Keys visible to each query row (the row sums of the mask), without building the mask."""
+    n = len(vis)
+    starts = np.arange(n, dtype=np.int64)
+    stops = np.minimum(vis.invisible_from, n)  # a key is visible to rows start..stop-1
+    delta = np.zeros(n + 1, dtype=np.int64)
+    np.add.at(delta, starts, 1)
+    np.add.at(delta, stops, -1)
+    return np.cumsum(delta)[:n]
+
+
+def mask_summary(vis: Visibility) -> dict[str, Any]:
+    """Counts for a title: rows, original tokens, visible fraction of the causal cells, peak live KV."""
+    n = len(vis)
+    tokens = len(vis.output_rows)
+    live = live_kv(vis)
+    visible_cells = int(live.sum())
+    causal_cells = n * (n + 1) // 2
+    peak = int(live.max()) if n else 0
+    return {
+        "rows": n,
+        "tokens": tokens,
+        "visible_fraction": visible_cells / causal_cells if causal_cells else 0.0,
+        "peak_live_kv": peak,
+        "vanilla_peak_kv": tokens,
+        "peak_ratio": peak / tokens if tokens else 0.0,
+    }
+
+
+def describe_config(config: MaskConfig) -> str:
+    """The knob setting in one line."""
+    mode = {-1: "vanilla", 0: "memento"}.get(config.keep_last_n, f"keep last {config.keep_last_n}")
+    parts = [f"keep_last_n={config.keep_last_n} ({mode})", f"mask_delimiters={config.mask_delimiters}"]
+    if config.keep_last_block_for_answer:
+        parts.append("keep_last_block_for_answer")
+    if config.restart:
+        parts.append("restart")
+    return ", ".join(parts)
+
+
+def unit_ticks(vis: Visibility, token_ids: Sequence[int] | None = None, specials: SpecialTokenIds | None = None):
+    """(row, label) at each unit boundary: B1 at block 1's start, M1 at its memento's start, ...
+
+    With the token ids and specials, 'A' marks the first answer token after ``</think>``.
+    """
+    row_of = vis.output_rows
+    ticks: list[tuple[int, str]] = []
+    for i, span in enumerate(vis.units, start=1):
+        ticks.append((int(row_of[span.block_start]), f"B{i}"))
+        if span.summary_start is not None:
+            ticks.append((int(row_of[span.summary_start]), f"M{i}"))
+    if token_ids is not None and specials is not None and specials.think_end is not None:
+        ids = np.asarray(token_ids)
+        hits = np.flatnonzero(ids == specials.think_end)
+        if len(hits) and hits[0] + 1 < len(ids):
+            ticks.append((int(row_of[hits[0] + 1]), "A"))
+    return ticks
+
+
+def _rgb(colour: str) -> np.ndarray:
+    from matplotlib.colors import to_rgb
+
+    return np.asarray(to_rgb(colour), dtype=np.float32)
+
+
+def mask_image(vis: Visibility, rows_roles: np.ndarray, max_tokens: int | None = None) -> np.ndarray:
+    """An (m, m, 3) float RGB image of the first ``m`` rows of the mask (m <= max_tokens).
+
+    The mask is :func:`memento.masking.dense_mask` of the first ``m`` rows' ``invisible_from``,
+    which equals ``vis.dense()[:m, :m]`` without building the full L x L mask.
+    """
+    import torch
+
+    from memento.masking import dense_mask
+
+    n = len(vis)
+    m = n if max_tokens is None else min(n, max_tokens)
+    mask = dense_mask(torch.from_numpy(np.ascontiguousarray(vis.invisible_from[:m]))[None])[0, 0].numpy()
+    palette = np.stack([_rgb(ROLE_COLOURS[role]) for role in Role])
+    key_colour = palette[np.asarray(rows_roles[:m], dtype=np.int64)]  # (m, 3), by key column
+    image = np.empty((m, m, 3), dtype=np.float32)
+    image[:] = _rgb(FUTURE_COLOUR)
+    past = np.tril(np.ones((m, m), dtype=bool))
+    image[past & ~mask] = _rgb(HIDDEN_COLOUR)
+    image[mask] = np.broadcast_to(key_colour[None, :, :], (m, m, 3))[mask]
+    return image
+
+
+def draw_mask_png(
+    vis: Visibility,
+    roles: np.ndarray,
+    path: str | Path,
+    title: str,
+    *,
+    max_tokens: int | None = 512,
+    ticks: Sequence[tuple[int, str]] = (),
+    note: str | None = None,
+    row_label: str = "query (token attending)",
+    dpi: int = 150,
+) -> Path:
+    """Draw the mask of ``vis`` to a PNG; ``roles`` are per row (see :func:`row_roles`).
+
+    Rows are queries and columns keys; only the first ``max_tokens`` rows/columns are drawn.
+    ``ticks`` are (row, label) pairs for unit boundaries; ``note`` (e.g. that the picture is
+    truncated) becomes the last line of the title. Returns the path written.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    n = len(vis)
+    m = n if max_tokens is None else min(n, max_tokens)
+    image = mask_image(vis, roles, m)
+    fig = Figure(figsize=(10.5, 8.2), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.imshow(image, interpolation="nearest", extent=(-0.5, m - 0.5, m - 0.5, -0.5))
+    shown = [(r, label) for r, label in ticks if r < m]
+    # Thin the labels when there are too many to read (keep every k-th).
+    step = max(1, -(-len(shown) // 40))
+    shown = shown[::step]
+    for r, _ in shown:
+        ax.axhline(r - 0.5, color="black", linewidth=0.3, alpha=0.35)
+        ax.axvline(r - 0.5, color="black", linewidth=0.3, alpha=0.35)
+    positions = [r for r, _ in shown]
+    labels = [label for _, label in shown]
+    ax.set_xticks(positions, labels, fontsize=8, rotation=90)
+    ax.set_yticks(positions, labels, fontsize=8)
+    ax.tick_params(axis="x", top=True, labeltop=True, bottom=True, labelbottom=True)
+    ax.set_xlabel("key (token attended to)")
+    ax.set_ylabel(row_label)
+    ax.set_title(title if not note else f"{title}\n{note}", fontsize=10)
+    present = sorted({int(r) for r in np.asarray(roles[:m])})
+    handles = [Patch(facecolor=ROLE_COLOURS[Role(r)], edgecolor="black", label=ROLE_LABELS[Role(r)]) for r in present]
+    handles += [
+        Patch(facecolor=HIDDEN_COLOUR, edgecolor="black", label="hidden: past but evicted"),
+        Patch(facecolor=FUTURE_COLOUR, edgecolor="black", label="future (causal)"),
+    ]
+    ax.legend(
+        handles=handles,
+        title="visible cell = colour of the key",
+        loc="upper left",
+        bbox_to_anchor=(1.02, 1.0),
+        fontsize=8,
+        title_fontsize=8,
+        frameon=False,
+    )
+    fig.savefig(path, dpi=dpi, format="png")
+    return Path(path)
