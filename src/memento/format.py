@@ -189,7 +189,14 @@ class StructureParser:
         }.get(kind)
         if handler is None:
             raise ValueError(f"feed() takes special tokens, not {kind!r}")
+        # Without require_think a think tag the grammar ignores (any <think>, a </think> after the
+        # first) is an ordinary token: it must not make the block or memento around it look empty.
+        ignored = not self.require_think and (
+            kind is Kind.THINK_START or (kind is Kind.THINK_END and self.state is ParseState.AFTER_THINK)
+        )
         handler(position)
+        if ignored:
+            return
         self._last_special = position
         self._content_since_special = False
 
@@ -553,7 +560,8 @@ def parse_token_ids(
         raise ValueError("parsing a whole trace needs the ids of <think> and </think>")
     seq = tuple(int(t) for t in ids)
     kind_by_id = {tid: kind for kind, tid in specials.by_kind().items()}
-    parser = StructureParser(require_think=True, token_positions=True)
+    # With decode, emptiness is judged by the decoded text (as for text); without it, by adjacency.
+    parser = StructureParser(require_think=True, token_positions=decode is None)
     found: list[_Special] = []
     run_start = 0
     for pos, tid in enumerate(seq):
@@ -590,12 +598,13 @@ def block_sentence_indices(block: Sequence[int], n_sentences: int, index: int) -
     """A block's sentence indices, accepting both a full list and the release's [start, end] pair.
 
     Blocks are contiguous, so a two-element list [a, b] with b > a + 1 can only be an inclusive
-    range; any other list must already be consecutive.
+    range, and so can [a, a] (the release's pair for a one-sentence block); any other list must
+    already be consecutive.
     """
     items = [int(i) for i in block]
     if not items:
         raise MementoFormatError(f"block {index + 1} lists no sentences")
-    if len(items) == 2 and items[1] > items[0] + 1:
+    if len(items) == 2 and (items[1] > items[0] + 1 or items[1] == items[0]):
         items = list(range(items[0], items[1] + 1))
     if any(b != a + 1 for a, b in itertools.pairwise(items)):
         raise MementoFormatError(f"block {index + 1}'s sentences are not consecutive: {list(block)}")

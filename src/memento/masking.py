@@ -457,8 +457,12 @@ def collate_visibility(
         input_ids[b, sl] = vis.token_ids
         position_ids[b, sl] = vis.position_ids
         attention[b, sl] = 1
-        inv = vis.invisible_from
-        invisible[b, sl] = np.where(inv == NEVER, NEVER, inv + offset)
+        inv = np.where(vis.invisible_from == NEVER, NEVER, vis.invisible_from + offset)
+        if offset + n < length:
+            # right padding: hide the sample from the padding rows after it, so that each padding
+            # row sees only itself (no real row lies beyond the sample, so none is affected)
+            inv = np.minimum(inv, offset + n)
+        invisible[b, sl] = inv
         output_rows.append(vis.output_rows + offset)
         offsets.append(offset)
     return MaskBatch(
