@@ -373,7 +373,7 @@ def _draw_mask(
         vis = compute_visibility(ids, specials, config)
     except MementoFormatError as exc:
         _fail(f"the tokenised trace is not well-formed under {tok.name}: {exc}", code=1)
-    roles = viz.row_roles(vis, viz.token_roles(ids, specials))
+    roles = viz.row_roles(vis, viz.token_roles(ids, specials, vis.units))
     summary = viz.mask_summary(vis)
     rows = summary["rows"]
     shown = min(rows, max_tokens)

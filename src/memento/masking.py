@@ -350,23 +350,27 @@ def visible(q_idx: torch.Tensor, kv_idx: torch.Tensor, invisible_from_kv: torch.
 def dense_mask(invisible_from: torch.Tensor) -> torch.Tensor:
     """Boolean mask (B, 1, L, L), True where query row q sees key column kv.
 
-    Vectorised: one broadcast comparison, no Python loop over positions.
+    :func:`visible` vectorised: ``q < invisible_from[kv]`` as one broadcast comparison, then
+    ``tril_`` in place for ``kv <= q`` (one full-size allocation instead of three; the property
+    tests check it against :func:`visible` through :func:`make_mask_mod`).
     """
     if invisible_from.dim() != 2:
         raise ValueError(f"invisible_from must be (batch, length), got {tuple(invisible_from.shape)}")
     length = invisible_from.shape[1]
-    idx = torch.arange(length, device=invisible_from.device)
-    return visible(idx[None, :, None], idx[None, None, :], invisible_from[:, None, :])[:, None]
+    q_idx = torch.arange(length, device=invisible_from.device)
+    return (q_idx[None, :, None] < invisible_from[:, None, :]).tril_()[:, None]
 
 
 def additive_mask(mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The boolean mask as an additive float mask: 0 where visible, the dtype's minimum elsewhere.
 
     The finite minimum (as transformers uses) rather than -inf keeps fully masked rows from
-    producing NaN.
+    producing NaN. Attention implementations that add the mask to the scores (transformers'
+    ``eager``) need this form: a boolean mask added as 0/1 would mask nothing.
     """
-    out = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
-    return out.masked_fill_(~mask, torch.finfo(dtype).min)
+    zero = torch.zeros((), dtype=dtype, device=mask.device)
+    lowest = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=mask.device)
+    return torch.where(mask, zero, lowest)
 
 
 def make_mask_mod(invisible_from: torch.Tensor) -> Callable[..., torch.Tensor]:
@@ -380,20 +384,50 @@ def make_mask_mod(invisible_from: torch.Tensor) -> Callable[..., torch.Tensor]:
     return mask_mod
 
 
-def make_block_mask(invisible_from: torch.Tensor, block_size: int = 128, compile: bool = False):
-    """A FlexAttention ``BlockMask`` for ``flex_attention(..., block_mask=...)``."""
-    from torch.nn.attention.flex_attention import create_block_mask
+def make_block_mask(invisible_from: torch.Tensor, block_size: int = 128):
+    """A FlexAttention ``BlockMask`` for ``flex_attention(..., block_mask=...)``, built per tile.
 
+    ``create_block_mask`` would evaluate the ``mask_mod`` on every (q, kv) pair (eagerly that
+    materialises the full B x L x L mask: 8 s and 10 GiB for 16 x 8K on CPU). The rule lets us
+    decide whole tiles from ``invisible_from`` alone: query rows ``[q0, q1]`` see key ``k`` for
+    some row iff ``max(k, q0) <= q1`` and ``max(k, q0) < invisible_from[k]``, and for every row
+    iff ``k <= q0`` and ``q1 < invisible_from[k]``. Work is O(B x L x L / block_size); the
+    partially visible tiles are still resolved by :func:`make_mask_mod` inside the kernel.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    if invisible_from.dim() != 2:
+        raise ValueError(f"invisible_from must be (batch, length), got {tuple(invisible_from.shape)}")
     batch, length = invisible_from.shape
-    return create_block_mask(
-        make_mask_mod(invisible_from),
-        B=batch,
-        H=None,
-        Q_LEN=length,
-        KV_LEN=length,
-        device=str(invisible_from.device),
+    device = invisible_from.device
+    n_blocks = -(-length // block_size)
+    padded = n_blocks * block_size
+    key = torch.arange(padded, device=device)
+    inv = torch.nn.functional.pad(invisible_from, (0, padded - length), value=0)  # pad keys: never seen
+    q0 = torch.arange(n_blocks, device=device) * block_size
+    q1 = (q0 + block_size - 1).clamp(max=length - 1)
+    rows_complete = (q0 + block_size) <= length  # a tile with rows past the end is never full
+    first_seer = torch.maximum(key[None, :], q0[:, None])  # (nQ, L'): first row that could see k
+    some_row = (first_seer <= q1[:, None])[None] & (first_seer[None] < inv[:, None, :])
+    every_row = ((key[None, :] <= q0[:, None]) & rows_complete[:, None])[None] & (q1[None, :, None] < inv[:, None, :])
+    full = every_row.view(batch, n_blocks, n_blocks, block_size).all(-1)
+    partial = some_row.view(batch, n_blocks, n_blocks, block_size).any(-1) & ~full
+
+    def counts_and_order(flags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        flags = flags[:, None].to(torch.int8)  # (B, 1, nQ, nKV): the same for every head
+        order = torch.argsort(flags, dim=-1, descending=True, stable=True)
+        return flags.sum(-1, dtype=torch.int32), order.to(torch.int32)
+
+    kv_num, kv_idx = counts_and_order(partial)
+    full_num, full_idx = counts_and_order(full)
+    return BlockMask.from_kv_blocks(
+        kv_num,
+        kv_idx,
+        full_num,
+        full_idx,
         BLOCK_SIZE=block_size,
-        _compile=compile,
+        mask_mod=make_mask_mod(invisible_from),
+        seq_lengths=(length, length),
     )
 
 
@@ -418,7 +452,11 @@ class MaskBatch:
     offsets: list[int]  # per sample, the padded row of its row 0
 
     def dense(self) -> torch.Tensor:
-        """(B, 1, L, L) boolean mask, True = attend (what SDPA and transformers take)."""
+        """(B, 1, L, L) boolean mask, True = attend: for SDPA (``attn_implementation="sdpa"``).
+
+        transformers' ``eager`` attention adds the mask to the scores, so it needs
+        :meth:`additive`; a boolean mask there silently masks nothing.
+        """
         return dense_mask(self.invisible_from)
 
     def additive(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from memento.format import Kind, SpecialTokenIds
+from memento.format import SpecialTokenIds, UnitSpan
 
 if TYPE_CHECKING:
     from memento.masking import MaskConfig, Visibility
@@ -53,43 +53,39 @@ HIDDEN_COLOUR = "#d9d9d9"
 FUTURE_COLOUR = "#ffffff"
 
 
-def token_roles(token_ids: Sequence[int] | np.ndarray, specials: SpecialTokenIds) -> np.ndarray:
-    """The :class:`Role` of every token of a (well-formed) sequence, as an int array.
+def token_roles(
+    token_ids: Sequence[int] | np.ndarray, specials: SpecialTokenIds, units: Sequence[UnitSpan] | None = None
+) -> np.ndarray:
+    """The :class:`Role` of every token, as an int array, from the spans the shared grammar found.
 
-    Tokens before ``<think>`` (or, without a think id, before the first block) are prompt; the
-    think tags and whitespace between units count with the prompt (always visible); a memento's
-    role covers its two delimiters; everything after ``</think>`` (or, without a think-end id,
-    after the last memento) is answer.
+    ``units`` are the (block, memento) spans of :mod:`memento.masking` (``Visibility.units``);
+    without them the whole sequence is tracked. Everything outside a unit is prompt (the prompt,
+    the think tags, whitespace between units: always visible) until the ``</think>`` after the
+    last unit, or without a think-end id the last memento, after which comes the answer. A
+    memento's role covers its two delimiters.
     """
+    from memento.masking import VANILLA, compute_visibility
+
     ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
+    if units is None:
+        units = compute_visibility(ids, specials, VANILLA).units
     roles = np.full(len(ids), int(Role.PROMPT), dtype=np.int64)
-    has_think_end = specials.think_end is not None
-    state = Role.PROMPT
-    last_summary_end = -1
-    for pos, tid in enumerate(ids.tolist()):
-        kind = specials.kind_of(tid)
-        if kind is Kind.BLOCK_START:
-            roles[pos] = Role.BLOCK_DELIMITER
-            state = Role.BLOCK
-        elif kind is Kind.BLOCK_END:
-            roles[pos] = Role.BLOCK_DELIMITER
-            state = Role.PROMPT
-        elif kind is Kind.SUMMARY_START:
-            roles[pos] = Role.MEMENTO
-            state = Role.MEMENTO
-        elif kind is Kind.SUMMARY_END:
-            roles[pos] = Role.MEMENTO
-            state = Role.PROMPT
-            last_summary_end = pos
-        elif kind is Kind.THINK_END:
-            roles[pos] = Role.PROMPT
-            state = Role.ANSWER
-        elif kind is Kind.THINK_START:
-            roles[pos] = Role.PROMPT
-        else:
-            roles[pos] = state
-    if not has_think_end and last_summary_end >= 0:
-        roles[last_summary_end + 1 :] = Role.ANSWER
+    answer_from = None
+    for span in units:
+        block_stop = len(ids) if span.block_end is None else span.block_end
+        roles[span.block_start] = Role.BLOCK_DELIMITER
+        roles[span.block_start + 1 : block_stop] = Role.BLOCK
+        if span.block_end is not None:
+            roles[span.block_end] = Role.BLOCK_DELIMITER
+        if span.summary_start is not None:
+            memento_stop = len(ids) if span.summary_end is None else span.summary_end + 1
+            roles[span.summary_start : memento_stop] = Role.MEMENTO
+            answer_from = memento_stop
+    if answer_from is not None and units[-1].complete:
+        if specials.think_end is not None:
+            ends = np.flatnonzero(ids[answer_from:] == specials.think_end)
+            answer_from = answer_from + int(ends[0]) + 1 if len(ends) else len(ids)
+        roles[answer_from:] = Role.ANSWER
     return roles
 
 
