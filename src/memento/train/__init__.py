@@ -1,0 +1,1 @@
+"""Two-stage memento SFT: stage 1 full causal attention, stage 2 the memento mask."""

@@ -1,0 +1,143 @@
+"""From (prompt, completion) text to model inputs: token ids, labels, and the memento mask.
+
+The attention mask comes from :mod:`memento.masking` (the one rule); this module only decides
+its form for the model's attention implementation and puts labels on completion tokens only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from memento.format import MementoFormatError, SpecialTokenIds
+from memento.masking import MaskBatch, MaskConfig, collate_visibility, compute_visibility
+
+IGNORE_INDEX = -100
+SUPPORTED_ATTENTION = ("sdpa", "eager")
+
+
+def attention_implementation(model: Any) -> str:
+    """The model's attention implementation, if it can take our 4D mask; a clear error otherwise.
+
+    transformers 5.x hands a 4D mask unchanged to ``sdpa`` (a bool mask, True = attend) and
+    ``eager`` (which adds it to the scores, so it needs the additive form). Flash-attention kernels
+    and packed/varlen paths take no arbitrary mask and would silently train the wrong model.
+    """
+    config = getattr(model, "config", model)
+    impl = getattr(config, "_attn_implementation", None) or "eager"
+    if impl not in SUPPORTED_ATTENTION:
+        raise ValueError(
+            f"attention implementation {impl!r} cannot take the 4D memento mask (flash-attention and "
+            "packed sequences ignore arbitrary masks, so training would silently use plain causal "
+            "attention); load the model with attn_implementation='sdpa' (or 'eager')"
+        )
+    return impl
+
+
+def attention_inputs(batch: MaskBatch, impl: str, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """``input_ids``, ``attention_mask`` (4D, in the form ``impl`` needs) and logical ``position_ids``."""
+    if impl not in SUPPORTED_ATTENTION:
+        raise ValueError(f"unsupported attention implementation {impl!r}")
+    mask = batch.dense() if impl == "sdpa" else batch.additive(dtype)
+    return {"input_ids": batch.input_ids, "attention_mask": mask, "position_ids": batch.position_ids}
+
+
+def assistant_prefix_ids(tokenizer: Any) -> list[int]:
+    """The ids that open the assistant's turn in the tokenizer's chat template.
+
+    Found as the difference between a one-message chat with and without the generation prompt
+    (for ChatML: ``<|im_start|>assistant\\n``); masking tracks memento tokens only after them.
+    """
+    messages = [{"role": "user", "content": "x"}]
+    without = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+    with_prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    if not with_prompt.startswith(without) or with_prompt == without:
+        raise ValueError("cannot find the assistant prefix: the chat template adds no generation prompt")
+    return tokenizer(with_prompt[len(without) :], add_special_tokens=False)["input_ids"]
+
+
+def chat_prompt(tokenizer: Any, problem: str) -> str:
+    """The prompt text a model sees: the problem as a user turn, then the assistant's opening."""
+    messages = [{"role": "user", "content": problem}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def tokenize_example(
+    tokenizer: Any, problem: str, completion: str, *, max_length: int | None = None
+) -> dict[str, list[int]]:
+    """Token ids of prompt + completion (+ EOS) and a completion mask (1 where loss is taken).
+
+    The prompt and the completion are tokenised separately (as TRL does for prompt-completion
+    data), so the label boundary is exact whatever the tokenizer.
+    """
+    prompt_ids = tokenizer(chat_prompt(tokenizer, problem), add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token or ""
+    completion_ids = tokenizer(completion + eos, add_special_tokens=False)["input_ids"]
+    ids = list(prompt_ids) + list(completion_ids)
+    if max_length is not None and len(ids) > max_length:
+        raise ValueError(f"example has {len(ids)} tokens, more than max_length={max_length}")
+    return {"input_ids": ids, "completion_mask": [0] * len(prompt_ids) + [1] * len(completion_ids)}
+
+
+@dataclass
+class MementoCollator:
+    """Pads a list of tokenised examples and builds labels plus the attention mask.
+
+    ``mask_config=None`` is stage 1 (full causal attention: a plain 2D padding mask, so the model's
+    own causal fast path runs); a :class:`MaskConfig` is stage 2 (the memento mask, 4D).
+    """
+
+    specials: SpecialTokenIds
+    pad_token_id: int
+    mask_config: MaskConfig | None = None
+    attn_implementation: str = "sdpa"
+    assistant_prefix: Sequence[int] | None = None
+    padding_side: str = "right"
+    pad_to_multiple_of: int | None = None
+    mask_dtype: torch.dtype = torch.float32
+
+    def __post_init__(self) -> None:
+        if self.mask_config is not None and self.mask_config.restart:
+            raise ValueError("restart mode is an inference ablation; it has no training mask")
+        if self.attn_implementation not in SUPPORTED_ATTENTION:
+            raise ValueError(f"unsupported attention implementation {self.attn_implementation!r}")
+        if self.mask_config is not None and self.mask_config.require_assistant_section and not self.assistant_prefix:
+            raise ValueError("require_assistant_section needs the assistant prefix ids (assistant_prefix_ids)")
+
+    def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        sequences = [np.asarray(f["input_ids"], dtype=np.int64) for f in features]
+        items = [self.visibility(seq, index=i) for i, seq in enumerate(sequences)]
+        batch = collate_visibility(
+            items,
+            padding_side=self.padding_side,
+            pad_token_id=self.pad_token_id,
+            pad_to_multiple_of=self.pad_to_multiple_of,
+        )
+        labels = torch.full_like(batch.input_ids, IGNORE_INDEX)
+        for b, feature in enumerate(features):
+            completion = torch.as_tensor(feature["completion_mask"], dtype=torch.bool)
+            rows = torch.arange(len(completion)) + batch.offsets[b]
+            labels[b, rows[completion]] = batch.input_ids[b, rows[completion]]
+        if self.mask_config is None:
+            return {
+                "input_ids": batch.input_ids,
+                "attention_mask": batch.attention_mask,
+                "position_ids": batch.position_ids,
+                "labels": labels,
+            }
+        return {**attention_inputs(batch, self.attn_implementation, self.mask_dtype), "labels": labels}
+
+    def visibility(self, sequence: np.ndarray, index: int = 0):
+        """The visibility decision for one example (causal when ``mask_config`` is None)."""
+        config = self.mask_config or MaskConfig(keep_last_n=-1)
+        try:
+            vis = compute_visibility(sequence, self.specials, config, self.assistant_prefix)
+        except MementoFormatError as err:
+            raise err.for_record(index) from None
+        if config.require_assistant_section and vis.tracking_from is None:
+            raise MementoFormatError("the assistant prefix never appears, so nothing would be masked", record=index)
+        return vis

@@ -1,0 +1,233 @@
+"""Two-stage memento SFT on the HF Trainer.
+
+Stage 1 trains with full causal attention (the model learns the format); stage 2 starts from
+stage 1's best checkpoint by validation loss and trains with the memento mask (the model learns to
+rely on its mementos). Loss is on completion tokens only. Each stage writes HF checkpoints to its
+own directory, resumes from the newest checkpoint there if interrupted, logs every logging step to
+``log.jsonl``, and saves its best model to ``<stage dir>/best`` (HF format, tokenizer included).
+
+The code takes any HF causal LM whose attention can take a 4D mask (sdpa, eager); the same code
+trains the tiny demo models and a real Qwen3 / Llama / Phi / Olmo checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from memento.format import SpecialTokenIds
+from memento.masking import MaskConfig
+from memento.train.collate import (
+    MementoCollator,
+    assistant_prefix_ids,
+    attention_implementation,
+    tokenize_example,
+)
+
+BEST_DIR = "best"
+LOG_FILE = "log.jsonl"
+SUMMARY_FILE = "memento_training.json"
+
+
+@dataclass
+class SFTSettings:
+    """Hyper-parameters of one stage (paper defaults where they make sense for a real model)."""
+
+    learning_rate: float = 8e-5
+    epochs: float = 5.0
+    max_steps: int = -1
+    batch_size: int = 16
+    eval_batch_size: int = 32
+    grad_accum: int = 1
+    warmup: float = 0.05
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    eval_steps: int = 50
+    logging_steps: int = 10
+    save_total_limit: int = 2
+    seed: int = 42
+    max_length: int | None = None
+    keep_last_n: int = 0
+    mask_delimiters: bool = False
+    require_assistant_section: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)  # passed on to TrainingArguments
+
+    def mask_config(self) -> MaskConfig:
+        return MaskConfig(
+            keep_last_n=self.keep_last_n,
+            mask_delimiters=self.mask_delimiters,
+            require_assistant_section=self.require_assistant_section,
+        )
+
+
+def prepare_examples(
+    records: Iterable[Mapping[str, Any]],
+    tokenizer: Any,
+    *,
+    response_field: str = "response",
+    max_length: int | None = None,
+    check_with: MementoCollator | None = None,
+):
+    """Tokenise records (``problem`` + ``response_field``) into a ``datasets.Dataset``.
+
+    With ``check_with``, every example's visibility is decided once here, so a malformed trace
+    fails before training starts, naming its record.
+    """
+    from datasets import Dataset
+
+    rows = []
+    for index, record in enumerate(records):
+        for name in ("problem", response_field):
+            if name not in record:
+                raise KeyError(f"record {index} has no field {name!r}")
+        example = tokenize_example(tokenizer, record["problem"], record[response_field], max_length=max_length)
+        if check_with is not None:
+            check_with.visibility(torch.as_tensor(example["input_ids"]).numpy(), index=index)
+        rows.append(example)
+    if not rows:
+        raise ValueError("no training examples")
+    return Dataset.from_list(rows)
+
+
+def make_collator(model: Any, tokenizer: Any, stage: int, settings: SFTSettings) -> MementoCollator:
+    """The collator for a stage: stage 1 causal, stage 2 the memento mask in the model's form."""
+    if stage not in (1, 2):
+        raise ValueError(f"stage must be 1 or 2, not {stage!r}")
+    impl = attention_implementation(model)
+    specials = SpecialTokenIds.from_tokenizer(tokenizer)
+    config = settings.mask_config() if stage == 2 else None
+    prefix = assistant_prefix_ids(tokenizer) if config is not None and config.require_assistant_section else None
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    dtype = next(model.parameters()).dtype
+    return MementoCollator(
+        specials=specials,
+        pad_token_id=int(pad),
+        mask_config=config,
+        attn_implementation=impl,
+        assistant_prefix=prefix,
+        mask_dtype=dtype,
+    )
+
+
+class JsonlLogCallback:
+    """Appends every Trainer log (loss, eval_loss, learning rate, ...) to a JSONL file."""
+
+    def __init__(self, path: Path, stage: int) -> None:
+        self.path = path
+        self.stage = stage
+        self.start = time.monotonic()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs:
+            entry = {"stage": self.stage, "step": state.global_step, "epoch": state.epoch}
+            entry["elapsed_s"] = round(time.monotonic() - self.start, 2)
+            entry.update({k: v for k, v in logs.items() if isinstance(v, int | float)})
+            with self.path.open("a") as fh:
+                fh.write(json.dumps(entry) + "\n")
+        return control
+
+
+def _callback(path: Path, stage: int):
+    from transformers import TrainerCallback
+
+    class _Logger(JsonlLogCallback, TrainerCallback):
+        pass
+
+    return _Logger(path, stage)
+
+
+def train_stage(
+    model: Any,
+    tokenizer: Any,
+    train_dataset: Any,
+    eval_dataset: Any,
+    *,
+    stage: int,
+    stage_dir: str | Path,
+    settings: SFTSettings,
+) -> Path:
+    """Train one stage; return the directory of its best model (by validation loss)."""
+    from transformers import Trainer, TrainingArguments
+    from transformers.trainer_utils import get_last_checkpoint
+
+    stage_dir = Path(stage_dir)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    collator = make_collator(model, tokenizer, stage, settings)
+    args = TrainingArguments(
+        output_dir=str(stage_dir),
+        per_device_train_batch_size=settings.batch_size,
+        per_device_eval_batch_size=settings.eval_batch_size,
+        gradient_accumulation_steps=settings.grad_accum,
+        learning_rate=settings.learning_rate,
+        num_train_epochs=settings.epochs,
+        max_steps=settings.max_steps,
+        lr_scheduler_type="cosine",
+        warmup_steps=settings.warmup,
+        weight_decay=settings.weight_decay,
+        adam_beta1=0.9,
+        adam_beta2=0.999,
+        max_grad_norm=settings.max_grad_norm,
+        eval_strategy="steps",
+        eval_steps=settings.eval_steps,
+        save_strategy="steps",
+        save_steps=settings.eval_steps,
+        save_total_limit=settings.save_total_limit,
+        load_best_model_at_end=True,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
+        logging_steps=settings.logging_steps,
+        logging_first_step=True,
+        prediction_loss_only=True,
+        remove_unused_columns=False,
+        label_names=["labels"],
+        report_to=[],
+        seed=settings.seed,
+        dataloader_num_workers=0,
+        use_cpu=not torch.cuda.is_available(),
+        **settings.extra,
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=collator,
+        callbacks=[_callback(stage_dir / LOG_FILE, stage)],
+    )
+    last = get_last_checkpoint(str(stage_dir)) if any(stage_dir.glob("checkpoint-*")) else None
+    result = trainer.train(resume_from_checkpoint=last)
+    best_dir = stage_dir / BEST_DIR
+    trainer.save_model(str(best_dir))
+    tokenizer.save_pretrained(str(best_dir))
+    summary = {
+        "stage": stage,
+        "attention": "full causal" if stage == 1 else "memento mask",
+        "mask_config": asdict(settings.mask_config()) if stage == 2 else None,
+        "best_checkpoint": trainer.state.best_model_checkpoint,
+        "best_eval_loss": trainer.state.best_metric,
+        "global_step": trainer.state.global_step,
+        "train_runtime_s": result.metrics.get("train_runtime"),
+        "resumed_from": last,
+        "settings": {k: v for k, v in asdict(settings).items() if k != "extra"},
+    }
+    (best_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    return best_dir
+
+
+def read_log(stage_dir: str | Path) -> list[dict[str, Any]]:
+    """The JSONL log of a stage (for curves and reports)."""
+    path = Path(stage_dir) / LOG_FILE
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def steps_per_epoch(n_examples: int, settings: SFTSettings) -> int:
+    return max(1, math.ceil(n_examples / (settings.batch_size * settings.grad_accum)))

@@ -1,0 +1,59 @@
+"""Small models, data and an independent mask shared by the training and reference tests."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+import torch.nn.functional as F
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+from memento.format import SpecialTokenIds, render_response
+from memento.showcase import running_sum_trace
+from memento.train.collate import IGNORE_INDEX
+
+
+def tiny_model(tokenizer, impl: str = "sdpa", seed: int = 0) -> Qwen3ForCausalLM:
+    torch.manual_seed(seed)
+    config = Qwen3Config(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        intermediate_size=64,
+        max_position_embeddings=2048,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    config._attn_implementation = impl
+    return Qwen3ForCausalLM(config).eval()
+
+
+def records(n: int, seed: int = 0, blocks: int = 3) -> list[dict[str, str]]:
+    rng = random.Random(seed)
+    traces = [running_sum_trace(rng, n_blocks=blocks, per_block=2) for _ in range(n)]
+    return [{"problem": t.prompt, "response": render_response(t)} for t in traces]
+
+
+def hand_mask(ids: list[int], specials: SpecialTokenIds, tracked_from: int) -> torch.Tensor:
+    """The memento mask written out from the paper's rule, token by token (no masking.py)."""
+    n = len(ids)
+    mask = torch.tril(torch.ones(n, n, dtype=torch.bool))
+    block_start = block_end = None
+    for pos in range(tracked_from, n):
+        if ids[pos] == specials.block_start:
+            block_start = pos
+        elif ids[pos] == specials.block_end:
+            block_end = pos
+        elif ids[pos] == specials.summary_end:
+            mask[pos:, block_start + 1 : block_end] = False  # the block's reasoning, from here on
+    return mask
+
+
+def completion_token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-token cross entropy of the next token, on labelled positions only (as HF shifts)."""
+    shift_logits, shift_labels = logits[:-1], labels[1:]
+    keep = shift_labels != IGNORE_INDEX
+    return F.cross_entropy(shift_logits[keep].float(), shift_labels[keep], reduction="none")
