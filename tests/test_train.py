@@ -99,9 +99,9 @@ def test_padding_changes_nothing(tokenizer, padding_side: str) -> None:
 def test_a_model_that_cannot_take_a_4d_mask_is_refused(tokenizer) -> None:
     model = tiny_model(tokenizer)
     model.config._attn_implementation = "flash_attention_2"
-    with pytest.raises(ValueError, match="cannot take the 4D memento mask"):
+    with pytest.raises(ValueError, match="cannot apply the memento mask"):
         attention_implementation(model)
-    with pytest.raises(ValueError, match="cannot take the 4D memento mask"):
+    with pytest.raises(ValueError, match="cannot apply the memento mask"):
         make_collator(model, tokenizer, stage=2, settings=SFTSettings())
 
 

@@ -15,27 +15,14 @@ import torch
 
 from memento.format import MementoFormatError, SpecialTokenIds
 from memento.masking import MaskBatch, MaskConfig, collate_visibility, compute_visibility
+from memento.modeling import check_attention_implementation
 
 IGNORE_INDEX = -100
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 
-
-def attention_implementation(model: Any) -> str:
-    """The model's attention implementation, if it can take our 4D mask; a clear error otherwise.
-
-    transformers 5.x hands a 4D mask unchanged to ``sdpa`` (a bool mask, True = attend) and
-    ``eager`` (which adds it to the scores, so it needs the additive form). Flash-attention kernels
-    and packed/varlen paths take no arbitrary mask and would silently train the wrong model.
-    """
-    config = getattr(model, "config", model)
-    impl = getattr(config, "_attn_implementation", None) or "eager"
-    if impl not in SUPPORTED_ATTENTION:
-        raise ValueError(
-            f"attention implementation {impl!r} cannot take the 4D memento mask (flash-attention and "
-            "packed sequences ignore arbitrary masks, so training would silently use plain causal "
-            "attention); load the model with attn_implementation='sdpa' (or 'eager')"
-        )
-    return impl
+attention_implementation = check_attention_implementation
+"""The model's attention implementation if it can take our 4D mask ("sdpa" or "eager"), else a
+clear error: see :func:`memento.modeling.check_attention_implementation`."""
 
 
 def attention_inputs(batch: MaskBatch, impl: str, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
