@@ -145,3 +145,52 @@ def test_stage_trains_saves_the_best_and_resumes(tokenizer, tmp_path) -> None:
     summary = json.loads((best / "memento_training.json").read_text())
     assert summary["resumed_from"].endswith("checkpoint-6")
     assert summary["global_step"] == 9
+
+
+def test_memento_train_cli_runs_both_stages_from_files(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from memento.cli import app
+    from memento.synth import generate, write_split
+
+    write_split(tmp_path / "train.jsonl", generate("running_sum", "train", 24, seed=0))
+    write_split(tmp_path / "val.jsonl", generate("running_sum", "validation", 8, seed=0))
+    common = ["--train", str(tmp_path / "train.jsonl"), "--eval", str(tmp_path / "val.jsonl")]
+    small = ["--tiny-hidden", "32", "--tiny-layers", "1", "--max-steps", "2", "--eval-steps", "1", "--batch-size", "8"]
+    result = CliRunner().invoke(app, ["train", *common, "-o", str(tmp_path / "run"), "--tiny", "qwen3", *small])
+    assert result.exit_code == 0, result.output
+    stage1 = json.loads((tmp_path / "run/stage1/best/memento_training.json").read_text())
+    stage2 = json.loads((tmp_path / "run/stage2/best/memento_training.json").read_text())
+    assert stage1["attention"] == "full causal" and stage2["attention"] == "memento mask"
+    assert stage2["initialised_from"] == str(tmp_path / "run/stage1/best")
+    assert stage1["global_step"] == stage2["global_step"] == 2
+
+    # the control model: stage 1 only, on the same problems without mementos
+    control = ["--response-field", "control_response", "--stage", "1"]
+    result = CliRunner().invoke(
+        app, ["train", *common, "-o", str(tmp_path / "ctl"), "--tiny", "qwen3", *small, *control]
+    )
+    assert result.exit_code == 0, result.output
+    assert not (tmp_path / "ctl/stage2").exists()
+
+
+def test_memento_train_cli_bad_input(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from memento.cli import app
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(
+        json.dumps({"problem": "p", "response": "<think>\n<|block_start|>x<|block_end|>\n</think>\n1"}) + "\n"
+    )
+    runner = CliRunner()
+    result = runner.invoke(
+        app, ["train", "--train", str(bad), "--eval", str(bad), "-o", str(tmp_path / "r"), "--tiny", "qwen3"]
+    )
+    assert result.exit_code == 1 and "record 0" in result.output and "has no memento" in result.output
+    result = runner.invoke(app, ["train", "--train", "nope.jsonl", "--eval", str(bad), "-o", "r", "--tiny", "qwen3"])
+    assert result.exit_code == 2 and "no such file" in result.output
+    result = runner.invoke(
+        app, ["train", "--train", str(bad), "--eval", str(bad), "-o", "r", "--tiny", "qwen3", "--stage", "3"]
+    )
+    assert result.exit_code == 2 and "stage must be one of" in result.output

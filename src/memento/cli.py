@@ -588,6 +588,86 @@ def synth_command(
         )
 
 
+@app.command("train")
+def train_command(
+    train_file: Annotated[Path, typer.Option("--train", help="Training records (JSONL, Parquet or HF dataset dir).")],
+    eval_file: Annotated[Path, typer.Option("--eval", help="Validation records: picks each stage's best model.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Run directory: stage1/ and stage2/ go here.")],
+    stage: Annotated[str, typer.Option("--stage", help="1 (full attention), 2 (memento mask) or both.")] = "both",
+    model: Annotated[
+        Path | None, typer.Option("--model", help="A local HF checkpoint to start from (stage 2 alone: stage 1's).")
+    ] = None,
+    tiny: Annotated[
+        str | None, typer.Option("--tiny", help="Build a tiny model from scratch instead: qwen3, llama or qwen2.")
+    ] = None,
+    tiny_hidden: Annotated[int, typer.Option("--tiny-hidden", help="Tiny model hidden size.")] = 128,
+    tiny_layers: Annotated[int, typer.Option("--tiny-layers", help="Tiny model layers.")] = 4,
+    response_field: Annotated[
+        str, typer.Option("--response-field", help="Record field with the completion (control: control_response).")
+    ] = "response",
+    epochs: Annotated[float, typer.Option("--epochs", help="Epochs per stage.")] = 5.0,
+    max_steps: Annotated[int, typer.Option("--max-steps", help="Steps per stage (overrides --epochs if > 0).")] = -1,
+    learning_rate: Annotated[float, typer.Option("--lr", help="Peak learning rate (cosine, 5% warm-up).")] = 8e-5,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Examples per step and device.")] = 16,
+    grad_accum: Annotated[int, typer.Option("--grad-accum", help="Gradient accumulation steps.")] = 1,
+    eval_steps: Annotated[int, typer.Option("--eval-steps", help="Evaluate and checkpoint every N steps.")] = 50,
+    keep_last_n: Annotated[int, typer.Option("--keep-last-n", help="Stage 2 mask: 0 memento, N keep N blocks.")] = 0,
+    mask_delimiters: Annotated[
+        bool, typer.Option("--mask-delimiters/--no-mask-delimiters", help="Stage 2 mask hides block delimiters.")
+    ] = False,
+    max_length: Annotated[int | None, typer.Option("--max-length", help="Refuse longer examples.")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Training seed.")] = 42,
+) -> None:
+    """Two-stage memento SFT: stage 1 with full causal attention, stage 2 with the memento mask.
+
+    Stage 2 starts from stage 1's best checkpoint by validation loss. Each stage writes HF
+    checkpoints under OUTPUT/stageN, resumes from the newest one when rerun after an interruption,
+    logs losses to OUTPUT/stageN/log.jsonl, and saves its best model (with the tokenizer) to
+    OUTPUT/stageN/best. Every example is checked against the memento grammar before training.
+    """
+    from memento.format import MementoFormatError
+    from memento.train.pipeline import TrainPlan, run_training
+    from memento.train.sft import SFTSettings
+
+    settings = SFTSettings(
+        learning_rate=learning_rate,
+        epochs=epochs,
+        max_steps=max_steps,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        eval_steps=eval_steps,
+        keep_last_n=keep_last_n,
+        mask_delimiters=mask_delimiters,
+        max_length=max_length,
+        seed=seed,
+    )
+    for path in (train_file, eval_file, model):
+        if path is not None and not path.exists():
+            _fail(f"no such file or directory: {path}")
+    try:
+        plan = TrainPlan(
+            train_file=train_file,
+            eval_file=eval_file,
+            output_dir=output,
+            stage=stage,
+            response_field=response_field,
+            model_path=model,
+            tiny_arch=tiny,
+            tiny_options={"hidden_size": tiny_hidden, "num_hidden_layers": tiny_layers, "seed": seed},
+            stage1=settings,
+            stage2=settings,
+        )
+    except ValueError as exc:
+        _fail(str(exc))
+    console = Console(highlight=False)
+    try:
+        best = run_training(plan, log=lambda line: console.print(line, soft_wrap=True))
+    except (MementoFormatError, ValueError, KeyError) as exc:
+        _fail(str(exc), code=1)
+    for name, path in best.items():
+        console.print(Text(f"✓ {name}: {path}", style="bold green"), soft_wrap=True)
+
+
 def main() -> None:
     """Entry point of the ``memento`` console script."""
     app(prog_name="memento")

@@ -215,6 +215,7 @@ def train_stage(
         "global_step": trainer.state.global_step,
         "train_runtime_s": result.metrics.get("train_runtime"),
         "resumed_from": last,
+        "initialised_from": getattr(model, "name_or_path", None) or None,
         "settings": {k: v for k, v in asdict(settings).items() if k != "extra"},
     }
     (best_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
