@@ -48,11 +48,14 @@ def problems(task: str) -> list[Problem]:
 
 def running_sum_states(prompt: str) -> list[tuple[str, int]]:
     """(label, total after it) for every item of a running_sum prompt."""
-    match = re.fullmatch(r"sum: ((?:[a-zA-Z]\d+ )*[a-zA-Z]\d+)", prompt)
+    match = re.fullmatch(r"sum(?: mod (\d+))?: ((?:[a-zA-Z]\d+ )*[a-zA-Z]\d+)", prompt)
     assert match, prompt
+    modulus = int(match.group(1) or 0)
     states, total = [], 0
-    for item in match.group(1).split(" "):
+    for item in match.group(2).split(" "):
         total += int(item[1:])
+        if modulus:
+            total %= modulus
         states.append((item[0], total))
     return states
 
@@ -310,3 +313,15 @@ def test_cli_synth_usage_errors_exit_2(args, tmp_path: Path, monkeypatch) -> Non
     result = invoke(*args)
     assert result.exit_code == 2, result.output
     assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_running_sum_modulus_knob() -> None:
+    mod10 = generate("running_sum", "train", 40, seed=1)
+    plain = generate("running_sum", "train", 40, seed=1, modulus=0)
+    assert all(p.prompt.startswith("sum mod 10: ") and len(p.answer) == 1 for p in mod10)
+    assert all(p.prompt.startswith("sum: ") for p in plain)
+    assert max(int(p.answer) for p in plain) > 9
+    for p in [*mod10, *plain]:
+        check_running_sum(p)
+    with pytest.raises(ValueError, match="modulus"):
+        generate("running_sum", "train", 5, modulus=-1)

@@ -7,15 +7,17 @@ invisible once its memento ends.
 
 ``running_sum`` (the paper's toy task, made prompt-driven). The prompt lists labelled digits; each
 block adds the next few, one step per item, and its memento records the label of the last item
-consumed and the running total::
+consumed and the running total. By default the total is kept modulo 10 (the prompt says so), which
+keeps every step a one-digit sum a ~1M-parameter model learns in minutes; ``modulus=0`` gives plain
+sums (three-digit totals with carries: much slower to learn)::
 
-    prompt:   sum: a7 b3 c8 d1 e5 f0 ...
-    block 1:  a:0+7=7 b:7+3=10 c:10+8=18
-    memento:  c s=18
-    block 2:  d:18+1=19 e:19+5=24 f:24+0=24
-    memento:  f s=24
+    prompt:   sum mod 10: a7 b3 c8 d1 e5 f0 ...
+    block 1:  a:0+7=7 b:7+3=0 c:0+8=8
+    memento:  c s=8
+    block 2:  d:8+1=9 e:9+5=4 f:4+0=4
+    memento:  f s=4
     ...
-    answer:   the total
+    answer:   the total (mod 10)
 
 ``pointer_walk``. The prompt gives a lookup table (a permutation of letters with no fixed point),
 a start node and a number of steps; each block follows a few pointers, one lookup per step, and its
@@ -185,6 +187,7 @@ def _check_running_sum(knobs: Mapping[str, int]) -> None:
     _check_blocks(knobs)
     _need(knobs["items_per_block"] >= 1, f"items_per_block must be >= 1, got {knobs['items_per_block']}")
     _need(knobs["max_value"] >= 1, f"max_value must be >= 1, got {knobs['max_value']}")
+    _need(knobs["modulus"] >= 0, f"modulus must be >= 0 (0: plain sums), got {knobs['modulus']}")
     most = knobs["max_blocks"] * knobs["items_per_block"]
     _need(
         most <= len(LABELS),
@@ -196,13 +199,15 @@ def _sample_running_sum(rng: random.Random, knobs: Mapping[str, int]) -> Candida
     blocks = rng.randint(knobs["min_blocks"], knobs["max_blocks"])
     k = knobs["items_per_block"]
     values = [rng.randint(0, knobs["max_value"]) for _ in range(blocks * k)]
-    prompt = "sum: " + " ".join(f"{LABELS[i]}{v}" for i, v in enumerate(values))
+    modulus = knobs["modulus"]
+    rule = f"sum mod {modulus}: " if modulus else "sum: "
+    prompt = rule + " ".join(f"{LABELS[i]}{v}" for i, v in enumerate(values))
     total = 0
     pairs = []
     for b in range(blocks):
         steps = []
         for i in range(b * k, (b + 1) * k):
-            new = total + values[i]
+            new = (total + values[i]) % modulus if modulus else total + values[i]
             steps.append(f"{LABELS[i]}:{total}+{values[i]}={new}")
             total = new
         pairs.append((" ".join(steps), f"{LABELS[(b + 1) * k - 1]} s={total}"))
@@ -212,7 +217,7 @@ def _sample_running_sum(rng: random.Random, knobs: Mapping[str, int]) -> Candida
 RUNNING_SUM = TaskFamily(
     name="running_sum",
     description="add labelled digits; each block adds a few, its memento keeps the last label and the total",
-    knobs={"min_blocks": 6, "max_blocks": 8, "items_per_block": 3, "max_value": 9},
+    knobs={"min_blocks": 6, "max_blocks": 8, "items_per_block": 3, "max_value": 9, "modulus": 10},
     check=_check_running_sum,
     sample=_sample_running_sum,
 )
