@@ -48,7 +48,7 @@ def problems(task: str) -> list[Problem]:
 
 def running_sum_states(prompt: str) -> list[tuple[str, int]]:
     """(label, total after it) for every item of a running_sum prompt."""
-    match = re.fullmatch(r"sum(?: mod (\d+))?: ((?:[a-zA-Z]\d+ )*[a-zA-Z]\d+)", prompt)
+    match = re.fullmatch(r"SUM(?: MOD (\d+))?: ((?:[a-zA-Z]\d+ )*[a-zA-Z]\d+)", prompt)
     assert match, prompt
     modulus = int(match.group(1) or 0)
     states, total = [], 0
@@ -74,16 +74,16 @@ def pointer_walk_states(prompt: str) -> list[tuple[int, str]]:
 
 def check_running_sum(problem: Problem) -> None:
     states = running_sum_states(problem.prompt)
-    values = {label: int(v) for label, v in re.findall(r"([a-zA-Z])(\d+)", problem.prompt.removeprefix("sum: "))}
+    values = {label: int(v) for label, v in re.findall(r"([a-zA-Z])(\d+)", problem.prompt.split(": ", 1)[1])}
     assert problem.answer == str(states[-1][1])
     consumed, total = 0, 0  # the state a block starts from: what the previous memento says
     for unit in problem.trace.units:
         for step in unit.block.split(" "):
-            label, before, value, after = re.fullmatch(r"([a-zA-Z]):(\d+)\+(\d+)=(\d+)", step).groups()
-            assert label == states[consumed][0]
+            label, shown, before, value, after = re.fullmatch(r"([a-zA-Z])(\d+):(\d+)\+(\d+)=(\d+)", step).groups()
+            assert label == states[consumed][0] and shown == value
             assert int(before) == total and int(value) == values[label] and int(after) == states[consumed][1]
             consumed, total = consumed + 1, int(after)
-        label, memento_total = re.fullmatch(r"([a-zA-Z]) s=(\d+)", unit.memento).groups()
+        label, memento_total = re.fullmatch(r"([a-zA-Z])=(\d+)", unit.memento).groups()
         assert (label, int(memento_total)) == states[consumed - 1]
         # the next block starts from the memento alone
         total = int(memento_total)
@@ -318,8 +318,8 @@ def test_cli_synth_usage_errors_exit_2(args, tmp_path: Path, monkeypatch) -> Non
 def test_running_sum_modulus_knob() -> None:
     mod10 = generate("running_sum", "train", 40, seed=1)
     plain = generate("running_sum", "train", 40, seed=1, modulus=0)
-    assert all(p.prompt.startswith("sum mod 10: ") and len(p.answer) == 1 for p in mod10)
-    assert all(p.prompt.startswith("sum: ") for p in plain)
+    assert all(p.prompt.startswith("SUM MOD 10: ") and len(p.answer) == 1 for p in mod10)
+    assert all(p.prompt.startswith("SUM: ") for p in plain)
     assert max(int(p.answer) for p in plain) > 9
     for p in [*mod10, *plain]:
         check_running_sum(p)

@@ -11,13 +11,19 @@ consumed and the running total. By default the total is kept modulo 10 (the prom
 keeps every step a one-digit sum a ~1M-parameter model learns in minutes; ``modulus=0`` gives plain
 sums (three-digit totals with carries: much slower to learn)::
 
-    prompt:   sum mod 10: a7 b3 c8 d1 e5 f0 ...
-    block 1:  a:0+7=7 b:7+3=0 c:0+8=8
-    memento:  c s=8
-    block 2:  d:8+1=9 e:9+5=4 f:4+0=4
-    memento:  f s=4
+    prompt:   SUM MOD 10: a7 b3 c8 d1 e5 f0 ...
+    block 1:  a7:0+7=7 b3:7+3=0 c8:0+8=8
+    memento:  c=8
+    block 2:  d1:8+1=9 e5:9+5=4 f0:4+0=4
+    memento:  f=4
     ...
     answer:   the total (mod 10)
+
+Each step starts with the label and its value exactly as the prompt has them, so reading the value
+is a single induction step (find the earlier ``d``, copy what follows); the header is upper case and
+the memento ``c=8`` holds no letter but the label, so that earlier ``d`` is unique. (With steps
+written ``d:8+1=9`` a 0.6M-parameter model learned the arithmetic and the format but not the
+lookup within a 10-minute budget.)
 
 ``pointer_walk``. The prompt gives a lookup table (a permutation of letters with no fixed point),
 a start node and a number of steps; each block follows a few pointers, one lookup per step, and its
@@ -200,7 +206,8 @@ def _sample_running_sum(rng: random.Random, knobs: Mapping[str, int]) -> Candida
     k = knobs["items_per_block"]
     values = [rng.randint(0, knobs["max_value"]) for _ in range(blocks * k)]
     modulus = knobs["modulus"]
-    rule = f"sum mod {modulus}: " if modulus else "sum: "
+    # Upper case: no label letter appears in the header, so "the digit after label d" is unique.
+    rule = f"SUM MOD {modulus}: " if modulus else "SUM: "
     prompt = rule + " ".join(f"{LABELS[i]}{v}" for i, v in enumerate(values))
     total = 0
     pairs = []
@@ -208,9 +215,10 @@ def _sample_running_sum(rng: random.Random, knobs: Mapping[str, int]) -> Candida
         steps = []
         for i in range(b * k, (b + 1) * k):
             new = (total + values[i]) % modulus if modulus else total + values[i]
-            steps.append(f"{LABELS[i]}:{total}+{values[i]}={new}")
+            # The label is followed by its value, as in the prompt: reading it is one induction step.
+            steps.append(f"{LABELS[i]}{values[i]}:{total}+{values[i]}={new}")
             total = new
-        pairs.append((" ".join(steps), f"{LABELS[(b + 1) * k - 1]} s={total}"))
+        pairs.append((" ".join(steps), f"{LABELS[(b + 1) * k - 1]}={total}"))
     return Candidate(prompt, tuple(pairs), str(total))
 
 
