@@ -129,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=400, help="optimizer steps per model (memento: half per stage)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--scheduler", default="cosine", help="learning-rate schedule (transformers name)")
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--eval-every", type=int, default=50)
@@ -148,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     def settings(steps: int) -> SFTSettings:
         return SFTSettings(
             learning_rate=args.lr,
+            lr_scheduler=args.scheduler,
             max_steps=steps,
             batch_size=args.batch_size,
             eval_steps=args.eval_every,
@@ -193,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         "steps_per_model": args.steps,
         "batch_size": args.batch_size,
         "learning_rate": args.lr,
+        "scheduler": args.scheduler,
         "parameters": n_params,
         "training_seconds": timings,
         "training_seconds_total": sum(timings.values()),

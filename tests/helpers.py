@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import random
-
 import torch
 import torch.nn.functional as F
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from memento.format import SpecialTokenIds, render_response
-from memento.showcase import running_sum_trace
+from memento.synth import generate
 from memento.train.collate import IGNORE_INDEX
 
 
@@ -32,9 +30,8 @@ def tiny_model(tokenizer, impl: str = "sdpa", seed: int = 0) -> Qwen3ForCausalLM
 
 
 def records(n: int, seed: int = 0, blocks: int = 3) -> list[dict[str, str]]:
-    rng = random.Random(seed)
-    traces = [running_sum_trace(rng, n_blocks=blocks, per_block=2) for _ in range(n)]
-    return [{"problem": t.prompt, "response": render_response(t)} for t in traces]
+    problems = generate("running_sum", "train", n, seed=seed, min_blocks=blocks, max_blocks=blocks, items_per_block=2)
+    return [{"problem": p.prompt, "response": render_response(p.trace)} for p in problems]
 
 
 def hand_mask(ids: list[int], specials: SpecialTokenIds, tracked_from: int) -> torch.Tensor:

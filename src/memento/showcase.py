@@ -1,7 +1,7 @@
 """What ``make demo`` runs until the end-to-end demo exists: the foundation, shown on real traces.
 
-It writes a few running-sum memento traces (the paper's toy task: blocks of numbers, the running
-total carried in the memento) as an OpenMementos JSONL file, checks them with ``memento validate``,
+It writes a few memento traces of the default synthetic task (:mod:`memento.synth`: a running
+sum, each memento carrying the total) as an OpenMementos JSONL file, checks them with ``memento validate``,
 prints one with ``memento inspect``, draws its attention mask for several knob settings, and plots
 the live KV (keys each token attends to) over the trace: a ramp for vanilla, a sawtooth for
 memento. Everything is computed from :mod:`memento.masking`; nothing is assumed.
@@ -11,7 +11,6 @@ Usage: ``python -m memento.showcase OUT_DIR``
 
 from __future__ import annotations
 
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -20,9 +19,9 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from memento.format import MementoTrace, record_from_trace, render_response
+from memento.format import MementoTrace, render_response
 from memento.masking import MaskConfig, compute_visibility
-from memento.records_io import write_records
+from memento.synth import DEFAULT_TASK, generate, write_split
 from memento.tokens import RegexTokenizer
 from memento.viz import live_kv
 
@@ -32,25 +31,6 @@ SETTINGS: dict[str, MaskConfig] = {
     "keep-last-1": MaskConfig(keep_last_n=1),
     "restart": MaskConfig(keep_last_n=0, restart=True),
 }
-
-
-def running_sum_trace(rng: random.Random, n_blocks: int = 6, per_block: int = 5) -> MementoTrace[str]:
-    """One running-sum problem as a memento trace: each block adds numbers, the memento keeps the total."""
-    numbers = [rng.randint(1, 99) for _ in range(n_blocks * per_block)]
-    prompt = "Add these numbers: " + " ".join(map(str, numbers))
-    total = 0
-    pairs = []
-    for b in range(n_blocks):
-        chunk = numbers[b * per_block : (b + 1) * per_block]
-        steps = []
-        for x in chunk:
-            steps.append(f"{total} + {x} = {total + x}")
-            total += x
-        block = f" Numbers {b * per_block + 1} to {(b + 1) * per_block}: {', '.join(map(str, chunk))}. " + "; ".join(
-            steps
-        )
-        pairs.append((block + ". ", f" total after {(b + 1) * per_block} numbers = {total} "))
-    return MementoTrace.new(prompt, pairs, f"The sum is \\boxed{{{total}}}.")
 
 
 def kv_table(trace: MementoTrace[str], tokenizer: RegexTokenizer) -> tuple[Table, dict[str, np.ndarray]]:
@@ -90,10 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args[0] if args else "runs/showcase")
     out.mkdir(parents=True, exist_ok=True)
     console = Console()
-    rng = random.Random(0)
-    traces = [running_sum_trace(rng) for _ in range(8)]
+    problems = generate(DEFAULT_TASK, "test", 8, seed=0)
+    traces = [p.trace for p in problems]
     data = out / "traces.jsonl"
-    write_records(data, [record_from_trace(t, domain="math", source="showcase") for t in traces])
+    write_split(data, problems)
     console.rule(f"[bold]1. {len(traces)} running-sum memento traces -> {data}")
 
     def memento_cli(*cli_args: str, show_output: bool = True) -> None:

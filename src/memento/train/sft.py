@@ -41,6 +41,7 @@ class SFTSettings:
     """Hyper-parameters of one stage (paper defaults where they make sense for a real model)."""
 
     learning_rate: float = 8e-5
+    lr_scheduler: str = "cosine"  # any transformers scheduler name, e.g. constant_with_warmup
     epochs: float = 5.0
     max_steps: int = -1
     batch_size: int = 16
@@ -168,7 +169,7 @@ def train_stage(
         learning_rate=settings.learning_rate,
         num_train_epochs=settings.epochs,
         max_steps=settings.max_steps,
-        lr_scheduler_type="cosine",
+        lr_scheduler_type=settings.lr_scheduler,
         warmup_steps=settings.warmup,
         weight_decay=settings.weight_decay,
         adam_beta1=0.9,
