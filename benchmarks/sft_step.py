@@ -28,31 +28,15 @@ import warnings
 from collections.abc import Callable
 
 import torch
-from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from memento.format import SpecialTokenIds
 from memento.masking import MaskConfig, build_batch, make_block_mask
+from memento.modeling import build_tiny_model
 from memento.synth import DEFAULT_TASK, generate
 from memento.tiny_tokenizer import build_tiny_tokenizer
 from memento.train.collate import MementoCollator, assistant_prefix_ids, tokenize_example
 
 warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
-
-
-def tiny_qwen3(vocab: int, impl: str, layers: int, hidden: int, seed: int = 0) -> Qwen3ForCausalLM:
-    torch.manual_seed(seed)
-    config = Qwen3Config(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=hidden // 4,
-        intermediate_size=2 * hidden,
-        max_position_embeddings=4096,
-    )
-    config._attn_implementation = impl
-    return Qwen3ForCausalLM(config)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,8 +61,12 @@ def main(argv: list[str] | None = None) -> int:
     def collator(config: MaskConfig | None) -> MementoCollator:
         return MementoCollator(specials, tokenizer.pad_token_id, config, "sdpa", prefix if config else None)
 
-    models = {impl: tiny_qwen3(len(tokenizer), impl, args.layers, args.hidden) for impl in ("sdpa", "flex_attention")}
-    models["flex_attention"].load_state_dict(models["sdpa"].state_dict())
+    models = {
+        impl: build_tiny_model(
+            tokenizer, hidden_size=args.hidden, num_hidden_layers=args.layers, attn_implementation=impl
+        ).train()
+        for impl in ("sdpa", "flex_attention")
+    }  # the same seed: the same weights
     optimisers = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, m in models.items()}
 
     def step_with(impl: str, make_batch: Callable[[], dict[str, torch.Tensor]]) -> Callable[[], float]:

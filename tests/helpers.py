@@ -4,29 +4,28 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from memento.format import SpecialTokenIds, render_response
+from memento.modeling import build_tiny_model
 from memento.synth import generate
 from memento.train.collate import IGNORE_INDEX
 
 
-def tiny_model(tokenizer, impl: str = "sdpa", seed: int = 0) -> Qwen3ForCausalLM:
-    torch.manual_seed(seed)
-    config = Qwen3Config(
-        vocab_size=len(tokenizer),
+def tiny_model(tokenizer, impl: str = "sdpa", seed: int = 0):
+    """A 2-layer, 32-wide Qwen3 for fast tests (memento.modeling.build_tiny_model).
+
+    Untied: a random model with tied embeddings tends to echo its last token, which would make
+    free-running generation from a random model malformed (e.g. a nested ``<|block_start|>``).
+    """
+    return build_tiny_model(
+        tokenizer,
         hidden_size=32,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
         intermediate_size=64,
-        max_position_embeddings=2048,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    config._attn_implementation = impl
-    return Qwen3ForCausalLM(config).eval()
+        seed=seed,
+        attn_implementation=impl,
+        tie_word_embeddings=False,
+    ).eval()
 
 
 def records(n: int, seed: int = 0, blocks: int = 3) -> list[dict[str, str]]:
