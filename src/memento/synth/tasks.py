@@ -35,6 +35,21 @@ memento records the steps done and the current node::
     ...
     answer:   the node reached
 
+``stream_sum`` (the toy task with every step local). The prompt seeds a pseudo-random digit
+stream ``x <- a*x + c (mod 10)`` and says how many steps to take; each step writes the next digit
+(the product, then the sum), counts the steps left down and adds the digit to the running total,
+and each memento records the whole state (``a``, ``c``, the digit, the total, the steps left)::
+
+    prompt:   STREAM a3 c9 x4 n22
+    block 1:  3*4=2+9=1 n21 0+1=1 3*1=3+9=2 n20 1+2=3 3*2=6+9=5 n19 3+5=8
+    memento:  a3c9x5s8n19
+    ...       (the last block takes the 3-5 steps that are left)
+    answer:   the total (mod 10)
+
+Nothing has to be looked up far away: each step reads the step before it (or the memento, or the
+fixed-length prompt), which is what a ~1M-parameter model learns within minutes on 2 CPU cores,
+where running_sum's prompt lookup (an induction head) forms late or not at all.
+
 Splits never overlap: a candidate problem belongs to train, validation or test by a stable hash
 (SHA-256) of its task and prompt, whatever the seed or the knobs, and :func:`generate` keeps drawing
 candidates until it has ``n`` distinct problems of the requested split.
@@ -281,7 +296,52 @@ POINTER_WALK = TaskFamily(
 )
 
 
-TASKS: dict[str, TaskFamily] = {family.name: family for family in (RUNNING_SUM, POINTER_WALK)}
+# ----------------------------------------------------------------------------------------------
+# stream_sum
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_stream_sum(knobs: Mapping[str, int]) -> None:
+    _need(knobs["steps_per_block"] >= 1, f"steps_per_block must be >= 1, got {knobs['steps_per_block']}")
+    _need(knobs["min_steps"] >= knobs["steps_per_block"], "min_steps must be >= steps_per_block")
+    _need(knobs["max_steps"] >= knobs["min_steps"], "max_steps must be >= min_steps")
+    _need(knobs["max_steps"] <= 99, f"max_steps must be <= 99 (two digits), got {knobs['max_steps']}")
+
+
+def _sample_stream_sum(rng: random.Random, knobs: Mapping[str, int]) -> Candidate:
+    steps = rng.randint(knobs["min_steps"], knobs["max_steps"])
+    a, c, x = rng.randint(1, 9), rng.randint(0, 9), rng.randint(0, 9)
+    k = knobs["steps_per_block"]
+    blocks = steps // k
+    prompt = f"STREAM a{a} c{c} x{x} n{steps:02d}"
+    total, left = 0, steps
+    pairs = []
+    for b in range(blocks):
+        size = k if b < blocks - 1 else steps - k * (blocks - 1)
+        lines = []
+        for _ in range(size):
+            ax = a * x % 10
+            new_x = (ax + c) % 10
+            new_total = (total + new_x) % 10
+            left -= 1
+            # The total comes last: the final answer then copies the trace's last digit.
+            lines.append(f"{a}*{x}={ax}+{c}={new_x} n{left:02d} {total}+{new_x}={new_total}")
+            x, total = new_x, new_total
+        pairs.append((" ".join(lines), f"a{a}c{c}x{x}s{total}n{left:02d}"))
+    return Candidate(prompt, tuple(pairs), str(total))
+
+
+STREAM_SUM = TaskFamily(
+    name="stream_sum",
+    description="sum a pseudo-random digit stream x <- a*x+c (mod 10); each block takes a few steps, "
+    "its memento keeps a, c, the current digit, the total and the steps left",
+    knobs={"min_steps": 18, "max_steps": 26, "steps_per_block": 3},
+    check=_check_stream_sum,
+    sample=_sample_stream_sum,
+)
+
+
+TASKS: dict[str, TaskFamily] = {family.name: family for family in (RUNNING_SUM, POINTER_WALK, STREAM_SUM)}
 """Every task family by name; ``running_sum`` is the default."""
 
 DEFAULT_TASK = "running_sum"
