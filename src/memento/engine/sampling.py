@@ -1,0 +1,122 @@
+"""Sampling parameters and the sampler: temperature, top-k, top-p, seeds, logprobs.
+
+Every request gets its own ``torch.Generator`` (seeded from ``SamplingParams.seed``, sample ``i``
+of ``n`` from ``seed + i``), so a seeded request draws the same tokens whatever else is in the
+batch. Logprobs are those of the model's own distribution (log-softmax of the raw logits, before
+temperature or truncation), as vLLM reports them by default.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    """How to sample one request. ``temperature=0`` is greedy decoding (ties go to the lowest id)."""
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1  # -1 or 0: no top-k truncation
+    max_tokens: int = 256
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
+    seed: int | None = None
+    logprobs: int | None = None  # None: no logprobs; k >= 0: the chosen token's logprob and the top k
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop)
+        problems = []
+        if any(not _is_int(t) or t < 0 for t in self.stop_token_ids):
+            problems.append(f"stop_token_ids must hold non-negative integer ids, got {self.stop_token_ids!r}")
+        if not _is_int(self.n) or self.n < 1:
+            problems.append(f"n must be an integer >= 1, got {self.n!r}")
+        if not _is_number(self.temperature) or self.temperature < 0:
+            problems.append(f"temperature must be a number >= 0, got {self.temperature!r}")
+        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
+            problems.append(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not _is_int(self.top_k) or self.top_k < -1:
+            problems.append(f"top_k must be -1 (off), 0 (off) or a positive integer, got {self.top_k!r}")
+        if not _is_int(self.max_tokens) or self.max_tokens < 1:
+            problems.append(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            problems.append(f"stop must hold non-empty strings, got {self.stop!r}")
+        if self.seed is not None and not _is_int(self.seed):
+            problems.append(f"seed must be an integer or None, got {self.seed!r}")
+        if self.logprobs is not None and (not _is_int(self.logprobs) or self.logprobs < 0):
+            problems.append(f"logprobs must be None or an integer >= 0, got {self.logprobs!r}")
+        if problems:
+            raise ValueError("invalid SamplingParams: " + "; ".join(problems))
+        self.stop_token_ids = list(self.stop_token_ids)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and value == value  # not NaN
+
+
+@dataclass
+class SampledToken:
+    """One sampled token, its logprob under the model, and the top alternatives if asked for."""
+
+    token_id: int
+    logprob: float | None = None
+    top_logprobs: dict[int, float] | None = None
+
+
+def _truncate(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Logits with everything outside the top-k and the top-p nucleus set to -inf (1-D)."""
+    if 0 < top_k < logits.numel():
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # Drop a token when the tokens strictly before it already reach top_p (keeps at least one).
+        drop_sorted = (torch.cumsum(probs, dim=-1) - probs) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample_tokens(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    generators: Sequence[torch.Generator | None],
+) -> list[SampledToken]:
+    """Draw one token per row of ``logits`` (rows x vocab, any float dtype) under each row's params."""
+    logits = logits.float()
+    want_logprobs = any(p.logprobs is not None for p in params)
+    logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
+    greedy = torch.argmax(logits, dim=-1).tolist()  # one call for the whole batch
+    out: list[SampledToken] = []
+    for row, (p, gen) in enumerate(zip(params, generators, strict=True)):
+        if p.greedy:
+            token = greedy[row]
+        else:
+            scaled = _truncate(logits[row] / p.temperature, p.top_k, p.top_p)
+            probs = torch.softmax(scaled, dim=-1)
+            token = int(torch.multinomial(probs, 1, generator=gen))
+        sampled = SampledToken(token)
+        if p.logprobs is not None and logprobs is not None:
+            sampled.logprob = float(logprobs[row, token])
+            if p.logprobs > 0:
+                top = torch.topk(logprobs[row], p.logprobs)
+                sampled.top_logprobs = dict(zip(top.indices.tolist(), top.values.tolist(), strict=True))
+        out.append(sampled)
+    return out
