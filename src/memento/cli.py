@@ -38,7 +38,7 @@ from memento.format import (
     render_response,
     trace_from_record,
 )
-from memento.records_io import RecordReadError, RecordSource, RecordSourceError, open_records
+from memento.records_io import RecordReadError, RecordSource, RecordSourceError, open_records, read_records
 from memento.stats import StatsAccumulator, is_approximate, stats_rows
 from memento.tokens import TextTokenizer, load_tokenizer
 
@@ -666,6 +666,114 @@ def train_command(
         _fail(str(exc), code=1)
     for name, path in best.items():
         console.print(Text(f"✓ {name}: {path}", style="bold green"), soft_wrap=True)
+
+
+@app.command("generate")
+def generate_command(
+    model: Annotated[Path, typer.Argument(help="A local HF checkpoint directory (model + tokenizer).")],
+    prompts_file: Annotated[
+        Path | None,
+        typer.Option("--prompts", help="Records with a 'problem' (or 'prompt') field: JSONL, Parquet or HF dataset."),
+    ] = None,
+    prompt: Annotated[list[str] | None, typer.Option("--prompt", "-p", help="A prompt (repeatable).")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write one JSON line per sample here.")] = None,
+    chat: Annotated[bool, typer.Option("--chat/--raw", help="Wrap each prompt in the chat template.")] = True,
+    kv_budget_tokens: Annotated[int, typer.Option("--kv-budget-tokens", min=1, help="KV pool size in tokens.")] = 32768,
+    max_num_seqs: Annotated[int, typer.Option("--max-num-seqs", min=1, help="Most sequences running at once.")] = 64,
+    keep_last_n: Annotated[int, typer.Option("--keep-last-n", help="-1 vanilla, 0 memento, N keep N blocks.")] = 0,
+    mask_delimiters: Annotated[bool, typer.Option("--mask-delimiters", help="Evict the block delimiters too.")] = False,
+    restart: Annotated[bool, typer.Option("--restart", help="Restart ablation: recompute mementos alone.")] = False,
+    max_block_tokens: Annotated[
+        int | None, typer.Option("--max-block-tokens", min=1, help="Force <|block_end|> after this many tokens.")
+    ] = None,
+    temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="0 is greedy.")] = 0.0,
+    top_p: Annotated[float, typer.Option("--top-p")] = 1.0,
+    top_k: Annotated[int, typer.Option("--top-k", help="-1: off.")] = -1,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", min=1)] = 1024,
+    n: Annotated[int, typer.Option("--n", min=1, help="Samples per prompt.")] = 1,
+    seed: Annotated[int | None, typer.Option("--seed")] = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="auto, float32 or bfloat16.")] = "auto",
+) -> None:
+    """Generate with the memento engine: blocks are evicted from the KV pool as their mementos close.
+
+    Prints each completion (or writes JSON lines with the text, tokens, finish reason and KV
+    accounting) and a summary: tokens/s, peak and AUC of the pool, evictions, preemptions.
+    """
+    import time
+
+    from memento.engine import LLM, SamplingParams
+    from memento.train.collate import chat_prompt
+
+    texts = list(prompt or [])
+    if prompts_file is not None:
+        if not prompts_file.exists():
+            _fail(f"no such file or directory: {prompts_file}")
+        for label, record in read_records(prompts_file):
+            if isinstance(record, RecordReadError):
+                _fail(f"{prompts_file}: {record}", code=1)
+            text = record.get("problem", record.get("prompt"))
+            if not isinstance(text, str):
+                _fail(f"{prompts_file} record {label}: no 'problem' or 'prompt' text field", code=1)
+            texts.append(text)
+    if not texts:
+        _fail("give --prompt or --prompts")
+    if not model.exists():
+        _fail(f"no such file or directory: {model}")
+    try:
+        params = SamplingParams(
+            n=n, temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens, seed=seed
+        )
+        llm = LLM(
+            model,
+            dtype=dtype,
+            kv_budget_tokens=kv_budget_tokens,
+            max_num_seqs=max_num_seqs,
+            keep_last_n=keep_last_n,
+            mask_delimiters=mask_delimiters,
+            restart=restart,
+            max_block_tokens=max_block_tokens,
+        )
+        tokenizer = llm.engine.tokenizer
+        inputs = [chat_prompt(tokenizer, t) if chat else t for t in texts]
+        start = time.perf_counter()
+        results = llm.generate(inputs, params)
+    except ValueError as exc:
+        _fail(str(exc), code=1)
+    seconds = time.perf_counter() - start
+    console = Console(highlight=False)
+    sink = output.open("w") if output is not None else None
+    try:
+        for text, result in zip(texts, results, strict=True):
+            for out in result.outputs:
+                row = {
+                    "prompt": text,
+                    "index": out.index,
+                    "text": out.text,
+                    "token_ids": out.token_ids,
+                    "finish_reason": out.finish_reason,
+                    "error": out.error,
+                    "peak_kv": out.kv.peak,
+                    "auc_kv": out.kv.auc,
+                    "evictions": out.kv.evictions,
+                    "evicted_tokens": out.kv.evicted_tokens,
+                    "preemptions": out.kv.preemptions,
+                }
+                if sink is not None:
+                    sink.write(json.dumps(row) + "\n")
+                else:
+                    console.print(Text(f"── {text} [{out.index}] ({out.finish_reason})", style="bold"), soft_wrap=True)
+                    console.print(out.text, soft_wrap=True, markup=False)
+    finally:
+        if sink is not None:
+            sink.close()
+    stats = llm.engine.stats
+    tokens = stats.generated_tokens
+    console.print(
+        f"{len(texts)} prompts x {n}: {tokens} tokens in {seconds:.1f} s ({tokens / seconds:.0f} tokens/s); "
+        f"pool peak {stats.peak_kv} tokens ({stats.peak_kv * llm.engine.geometry.bytes_per_token / 2**20:.1f} MiB), "
+        f"{stats.evictions} evictions ({stats.evicted_tokens} tokens), {stats.preemptions} preemptions",
+        soft_wrap=True,
+    )
 
 
 def main() -> None:
