@@ -25,10 +25,11 @@ import statistics
 import time
 from pathlib import Path
 
+from memento.engine import EngineConfig, LLMEngine, SamplingParams
 from memento.format import SpecialTokenIds
 from memento.masking import VANILLA, MaskConfig
 from memento.modeling import build_tiny_model, count_parameters
-from memento.reference import reference_generate
+from memento.reference import Generation, reference_generate
 from memento.synth import DEFAULT_TASK, generate, write_split
 from memento.tiny_tokenizer import build_tiny_tokenizer
 from memento.train.collate import assistant_prefix_ids, chat_prompt
@@ -43,7 +44,9 @@ def answer_of(text: str) -> str | None:
     return text.split("</think>", 1)[1].split("<|im_end|>", 1)[0].strip()
 
 
-def evaluate(model_dir: Path, problems, config: MaskConfig, batch_size: int, max_new_tokens: int) -> dict:
+def evaluate(
+    model_dir: Path, problems, config: MaskConfig, batch_size: int, max_new_tokens: int, evaluator: str = "engine"
+) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -51,17 +54,40 @@ def evaluate(model_dir: Path, problems, config: MaskConfig, batch_size: int, max
     specials = SpecialTokenIds.from_tokenizer(tokenizer)
     prompts = [tokenizer(chat_prompt(tokenizer, p.prompt), add_special_tokens=False)["input_ids"] for p in problems]
     start = time.perf_counter()
-    generations = reference_generate(
-        model,
-        prompts,
-        specials,
-        config,
-        max_new_tokens=max_new_tokens,
-        eos_token_ids=[tokenizer.eos_token_id],
-        pad_token_id=tokenizer.pad_token_id,
-        assistant_prefix=assistant_prefix_ids(tokenizer),
-        batch_size=batch_size,
-    )
+    if evaluator == "engine":  # greedy, token for token the reference generator's (tests/test_engine_*.py)
+        engine = LLMEngine(
+            model,
+            tokenizer,
+            EngineConfig(
+                keep_last_n=config.keep_last_n,
+                kv_budget_tokens=max(batch_size, 1) * (max_new_tokens + max(map(len, prompts))),
+                max_num_seqs=batch_size,
+            ),
+        )
+        params = SamplingParams(temperature=0, max_tokens=max_new_tokens)
+        ids = [engine.add_request(p, params) for p in prompts]
+        done = {r.request_id: r.outputs[0] for r in engine.run_to_completion()}
+        generations = [
+            Generation(
+                prompt_ids=p,
+                token_ids=done[i].token_ids,
+                finish_reason=done[i].finish_reason,
+                live_kv=done[i].kv.live_kv,
+            )
+            for i, p in zip(ids, prompts, strict=True)
+        ]
+    else:
+        generations = reference_generate(
+            model,
+            prompts,
+            specials,
+            config,
+            max_new_tokens=max_new_tokens,
+            eos_token_ids=[tokenizer.eos_token_id],
+            pad_token_id=tokenizer.pad_token_id,
+            assistant_prefix=assistant_prefix_ids(tokenizer),
+            batch_size=batch_size,
+        )
     seconds = time.perf_counter() - start
     rows = []
     for problem, gen in zip(problems, generations, strict=True):
@@ -134,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--gen-batch", type=int, default=50)
-    parser.add_argument("--max-new-tokens", type=int, default=512)
+    parser.add_argument("--max-new-tokens", type=int, default=768)
+    parser.add_argument("--evaluator", choices=("engine", "reference"), default="engine")
     args = parser.parse_args(argv)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -185,8 +212,12 @@ def main(argv: list[str] | None = None) -> int:
 
     memento_mode = MaskConfig(keep_last_n=0, require_assistant_section=True)
     results = {
-        "control": evaluate(control["stage1"], data["test"], VANILLA, args.gen_batch, args.max_new_tokens),
-        "memento": evaluate(memento["stage2"], data["test"], memento_mode, args.gen_batch, args.max_new_tokens),
+        "control": evaluate(
+            control["stage1"], data["test"], VANILLA, args.gen_batch, args.max_new_tokens, args.evaluator
+        ),
+        "memento": evaluate(
+            memento["stage2"], data["test"], memento_mode, args.gen_batch, args.max_new_tokens, args.evaluator
+        ),
     }
     summary = {
         "task": args.task,
