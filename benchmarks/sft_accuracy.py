@@ -158,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scheduler", default="cosine", help="learning-rate schedule (transformers name)")
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--intermediate", type=int, default=256, help="MLP width of the tiny Qwen3")
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--gen-batch", type=int, default=50)
     parser.add_argument("--max-new-tokens", type=int, default=768)
@@ -171,7 +172,11 @@ def main(argv: list[str] | None = None) -> int:
         data[split] = generate(args.task, split, n, seed=0)
         write_split(out / f"{split}.jsonl", data[split])
     tokenizer = build_tiny_tokenizer()
-    n_params = count_parameters(build_tiny_model(tokenizer, hidden_size=args.hidden, num_hidden_layers=args.layers))
+    n_params = count_parameters(
+        build_tiny_model(
+            tokenizer, hidden_size=args.hidden, num_hidden_layers=args.layers, intermediate_size=args.intermediate
+        )
+    )
 
     def settings(steps: int) -> SFTSettings:
         return SFTSettings(
@@ -192,7 +197,12 @@ def main(argv: list[str] | None = None) -> int:
             stage=stage,
             response_field=field,
             tiny_arch="qwen3",
-            tiny_options={"hidden_size": args.hidden, "num_hidden_layers": args.layers, "seed": 0},
+            tiny_options={
+                "hidden_size": args.hidden,
+                "num_hidden_layers": args.layers,
+                "intermediate_size": args.intermediate,
+                "seed": 0,
+            },
             stage1=settings(s1),
             stage2=settings(s2),
         )

@@ -16,8 +16,8 @@ import torch
 from helpers import tiny_model
 from memento.engine import EngineConfig, LLMEngine, SamplingParams
 from memento.format import SpecialTokenIds
-from memento.masking import MaskConfig
-from memento.reference import reference_generate, teacher_forced_logits
+from memento.masking import MaskConfig, compute_visibility
+from memento.reference import forward_logits, reference_generate, teacher_forced_logits
 from memento.tiny_tokenizer import build_tiny_tokenizer
 from memento.train.collate import assistant_prefix_ids, chat_prompt
 
@@ -160,3 +160,34 @@ def test_greedy_generation_equals_reference_generator(model, tokenizer, keep):
         assert out.token_ids == ref.token_ids
         assert out.finish_reason == ref.finish_reason
         assert out.kv.live_kv == ref.live_kv
+
+
+@pytest.mark.parametrize("keep", [-1, 0])
+def test_broken_structure_stops_tracking_when_tolerated(model, tokenizer, keep):
+    """stop_on_format_error=False: evictions before the defect stand, the rest is plain causal rows."""
+    prompt = tokenizer(chat_prompt(tokenizer, "x1"), add_special_tokens=False)["input_ids"]
+    good = "<think>\n<|block_start|>ab1<|block_end|><|summary_start|>m<|summary_end|>\n"
+    bad = "<|summary_end|>cd<|block_start|>ef"  # a memento end with no memento: the defect
+    continuation = tokenizer(good + bad, add_special_tokens=False)["input_ids"]
+    config = EngineConfig(keep_last_n=keep, keep_logits=True, stop_on_format_error=False)
+    (got,), engine = engine_logits(model, tokenizer, [(prompt, continuation)], config)
+    vis = compute_visibility(
+        prompt + continuation,
+        SpecialTokenIds.from_tokenizer(tokenizer),
+        config.mask_config(),
+        assistant_prefix_ids(tokenizer),
+        stop_tracking_on_error=True,
+    )
+    (want,) = forward_logits(model, [vis], pad_token_id=tokenizer.pad_token_id)
+    want = want[len(prompt) - 1 : len(prompt) + len(continuation) - 1]
+    assert (got - want).abs().max().item() <= TOLERANCE
+    assert engine.stats.evictions == (1 if keep == 0 else 0)
+    # The default for an evicting engine is to stop at the defect.
+    strict = LLMEngine(model, tokenizer, EngineConfig(keep_last_n=keep))
+    strict.add_request(prompt, SamplingParams(temperature=0, max_tokens=len(continuation)), forced_tokens=continuation)
+    (out,) = strict.run_to_completion()
+    defect = len(tokenizer(good, add_special_tokens=False)["input_ids"])
+    if keep == 0:
+        assert out.outputs[0].finish_reason == "format_error" and len(out.outputs[0].token_ids) == defect + 1
+    else:  # vanilla: structure plays no part, decoding goes on
+        assert out.outputs[0].finish_reason == "length"

@@ -537,7 +537,8 @@ def _parse_knobs(pairs: list[str]) -> dict[str, int | float]:
 def synth_command(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output file: .jsonl(.gz) or .parquet.", show_default=False)],
     task: Annotated[
-        str, typer.Argument(help="Task family: running_sum (the paper's toy task) or pointer_walk.")
+        str,
+        typer.Argument(help="Task family: stream_sum (default), running_sum (the paper's toy task) or pointer_walk."),
     ] = "running_sum",
     split: Annotated[str, typer.Option("--split", help="train, validation or test (never overlapping).")] = "train",
     n: Annotated[int, typer.Option("--n", min=0, help="How many problems.")] = 1000,

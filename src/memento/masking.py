@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from memento.format import Kind, SpecialTokenIds, StructureParser, UnitSpan
+from memento.format import Kind, MementoFormatError, SpecialTokenIds, StructureParser, UnitSpan
 
 NEVER: int = int(np.iinfo(np.int64).max)
 """``invisible_from`` of a token that stays visible for good."""
@@ -275,8 +275,23 @@ def compute_visibility(
     specials: SpecialTokenIds,
     config: MaskConfig = MEMENTO,
     assistant_prefix: Sequence[int] | None = None,
+    *,
+    stop_tracking_on_error: bool = False,
 ) -> Visibility:
-    """Run the tracker over a whole sequence and lay the decision out as one forward pass."""
+    """Run the tracker over a whole sequence and lay the decision out as one forward pass.
+
+    Malformed structure raises :class:`MementoFormatError`, unless ``stop_tracking_on_error``: then
+    the evictions decided before the defect stand and nothing from the defect on is tracked (the
+    rest of the sequence is appended as plain causal rows). An engine that lets a sequence with
+    broken structure go on (e.g. in vanilla mode, where structure plays no part) follows this rule.
+    """
+    if stop_tracking_on_error:
+        try:
+            return compute_visibility(token_ids, specials, config, assistant_prefix)
+        except MementoFormatError as err:
+            ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
+            head = compute_visibility(ids[: err.position], specials, config, assistant_prefix)
+            return _append_untracked(head, ids[err.position :])
     ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
     tracker = MementoTracker(specials, config, assistant_prefix)
     events = tracker.feed_many(ids)
@@ -298,6 +313,23 @@ def compute_visibility(
             tracking_from=tracker.tracking_from,
         )
     return _restart_layout(ids, events, tracker)
+
+
+def _append_untracked(head: Visibility, tail: np.ndarray) -> Visibility:
+    """``head`` followed by ``tail`` as plain rows: logical positions go on, nothing becomes invisible."""
+    first_row, first_token = len(head), len(head.output_rows)
+    rows = np.arange(first_row, first_row + len(tail), dtype=np.int64)
+    tokens = np.arange(first_token, first_token + len(tail), dtype=np.int64)
+    return Visibility(
+        token_ids=np.concatenate([head.token_ids, tail]),
+        position_ids=np.concatenate([head.position_ids, tokens]),
+        invisible_from=np.concatenate([head.invisible_from, np.full(len(tail), NEVER, dtype=np.int64)]),
+        source=np.concatenate([head.source, tokens]),
+        output_rows=np.concatenate([head.output_rows, rows]),
+        events=head.events,
+        units=head.units,
+        tracking_from=head.tracking_from,
+    )
 
 
 def _restart_layout(ids: np.ndarray, events: list[EvictionEvent], tracker: MementoTracker) -> Visibility:

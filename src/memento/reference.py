@@ -85,12 +85,16 @@ def reference_generate(
     pad_token_id: int = 0,
     assistant_prefix: Sequence[int] | None = None,
     batch_size: int = 32,
+    stop_on_format_error: bool | None = None,
 ) -> list[Generation]:
     """Greedy decoding, a full masked forward pass per step (ties go to the lowest id).
 
     A sequence whose generated structure becomes malformed (e.g. a memento with no block) stops
-    with ``finish_reason="format_error"`` and the defect in ``error``; the others go on.
+    with ``finish_reason="format_error"`` and the defect in ``error``; the others go on. With
+    ``stop_on_format_error=False`` (the default in vanilla mode, where structure plays no part) it
+    goes on instead, and nothing from the defect on is tracked.
     """
+    stop = config.evicts if stop_on_format_error is None else stop_on_format_error
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be at least 1")
     eos = {int(t) for t in eos_token_ids}
@@ -105,6 +109,7 @@ def reference_generate(
             eos,
             pad_token_id,
             assistant_prefix,
+            stop,
         )
     return results
 
@@ -118,6 +123,7 @@ def _generate_chunk(
     eos: set[int],
     pad_token_id: int,
     assistant_prefix: Sequence[int] | None,
+    stop_on_format_error: bool = True,
 ) -> None:
     active = list(chunk)
     while active:
@@ -125,7 +131,13 @@ def _generate_chunk(
         still: list[Generation] = []
         for gen in active:
             try:
-                vis = compute_visibility(gen.prompt_ids + gen.token_ids, specials, config, assistant_prefix)
+                vis = compute_visibility(
+                    gen.prompt_ids + gen.token_ids,
+                    specials,
+                    config,
+                    assistant_prefix,
+                    stop_tracking_on_error=not stop_on_format_error,
+                )
             except MementoFormatError as err:
                 gen.finish_reason, gen.error = "format_error", str(err)
                 continue

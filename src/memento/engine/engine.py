@@ -43,6 +43,10 @@ class EngineConfig:
     max_block_tokens: int | None = None  # force <|block_end|> once a block has this many tokens
     watermark: float = 0.01  # share of the pool kept free when admitting while others run
     keep_logits: bool = False  # keep every sampled step's logits on the outputs (tests, analysis)
+    stop_on_format_error: bool | None = None
+    """Finish a sequence whose memento structure breaks (finish_reason "format_error"). Default: yes
+    when blocks are evicted, no in vanilla mode (nothing depends on the structure there, so a vanilla
+    run decodes exactly like HF generate). When not stopping, evictions stop at the defect."""
 
     def __post_init__(self) -> None:
         for name in ("kv_budget_tokens", "max_num_seqs", "max_num_batched_tokens"):
@@ -156,6 +160,8 @@ class LLMEngine:
         self.max_model_len = self.config.max_model_len or int(getattr(model.config, "max_position_embeddings", 1 << 30))
         self.specials = self._special_ids(specials)
         self.mask = self.config.mask_config()
+        stop = self.config.stop_on_format_error
+        self.stop_on_format_error = self.mask.evicts if stop is None else stop
         self.assistant_prefix = self._assistant_prefix()
         self.eos_token_ids = self._eos_ids()
         self.stats = EngineStats()
@@ -259,6 +265,7 @@ class LLMEngine:
                     params,
                     self._make_tracker,
                     forced_tokens=list(forced_tokens) if forced_tokens is not None else None,
+                    stop_on_format_error=self.stop_on_format_error,
                 )
             except MementoFormatError as err:
                 raise ValueError(f"the prompt's memento structure is malformed: {err}") from err

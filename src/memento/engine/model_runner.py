@@ -17,6 +17,7 @@ from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from memento.engine.kv_pool import KVPool
@@ -25,6 +26,11 @@ from memento.masking import NEVER, additive_mask, visible
 
 SUPPORTED_MODEL_TYPES = ("qwen3", "qwen2", "llama", "mistral")
 """Architectures whose attention layers write their KV through ``cache.update`` (tested here)."""
+
+
+def _long_tensor(rows: list[list[int]]) -> torch.Tensor:
+    """An int64 tensor from equal-length lists (through NumPy: ~8x faster than torch.tensor on lists)."""
+    return torch.from_numpy(np.array(rows, dtype=np.int64))
 
 
 class PoolCache:
@@ -44,9 +50,13 @@ class PoolCache:
         assert self.write_slots is not None and self.read_slots is not None, "PoolCache used before bind()"
         keys, values = self.pool.keys[layer_idx], self.pool.values[layer_idx]
         b, h, q, d = key_states.shape
-        keys[self.write_slots] = key_states.transpose(1, 2).reshape(b * q, h, d).to(keys.dtype)
-        values[self.write_slots] = value_states.transpose(1, 2).reshape(b * q, h, d).to(values.dtype)
-        return keys[self.read_slots].transpose(1, 2), values[self.read_slots].transpose(1, 2)
+        keys.index_copy_(0, self.write_slots, key_states.transpose(1, 2).reshape(b * q, h, d).to(keys.dtype))
+        values.index_copy_(0, self.write_slots, value_states.transpose(1, 2).reshape(b * q, h, d).to(values.dtype))
+        flat = self.read_slots.reshape(-1)
+        k = self.read_slots.shape[1]
+        gathered_keys = keys.index_select(0, flat).view(b, k, h, d).transpose(1, 2)
+        gathered_values = values.index_select(0, flat).view(b, k, h, d).transpose(1, 2)
+        return gathered_keys, gathered_values
 
     def get_seq_length(self, layer_idx: int = 0) -> int:  # only asked for when position_ids are missing
         raise NotImplementedError("the engine always passes position_ids")
@@ -98,17 +108,17 @@ class ModelRunner:
             key_rows.append(keys + [NEVER] * tail)  # padding keys: never at or before a query
             key_invisible.append([seq.row_invisible_from[r] for r in keys] + [NEVER] * tail)
             read_slots.append([seq.row_slot[r] for r in seq.live_rows] + list(slots) + [0] * tail)
-        input_ids_t = torch.tensor(input_ids)
-        position_ids_t = torch.tensor(position_ids)
-        query_rows_t = torch.tensor(query_rows)
-        key_rows_t = torch.tensor(key_rows)
-        key_invisible_t = torch.tensor(key_invisible)
+        input_ids_t = _long_tensor(input_ids)
+        position_ids_t = _long_tensor(position_ids)
+        query_rows_t = _long_tensor(query_rows)
+        key_rows_t = _long_tensor(key_rows)
+        key_invisible_t = _long_tensor(key_invisible)
         mask = visible(query_rows_t[:, :, None], key_rows_t[:, None, :], key_invisible_t[:, None, :])
         mask |= (query_rows_t < 0)[:, :, None]  # padding query rows see everything: finite, then discarded
         live_keys = mask[:, -1, :].sum(dim=-1).tolist()
         mask = mask[:, None].to(self.device)
         attention_mask = additive_mask(mask, self.dtype) if self.attn_implementation == "eager" else mask
-        self.cache.bind(torch.tensor(write_slots, device=self.device), torch.tensor(read_slots, device=self.device))
+        self.cache.bind(_long_tensor(write_slots).to(self.device), _long_tensor(read_slots).to(self.device))
         out = self.model(
             input_ids=input_ids_t.to(self.device),
             position_ids=position_ids_t.to(self.device),

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from memento.engine.sampling import SamplingParams
+from memento.format import MementoFormatError
 from memento.masking import NEVER, MementoTracker
 
 
@@ -62,6 +63,7 @@ class Sequence:
         params: SamplingParams,
         make_tracker: Callable[[], MementoTracker],
         forced_tokens: list[int] | None = None,
+        stop_on_format_error: bool = True,
     ) -> None:
         self.seq_id = seq_id
         self.request_id = request_id
@@ -69,6 +71,8 @@ class Sequence:
         self.prompt_ids = [int(t) for t in prompt_ids]
         self.params = params
         self.forced_tokens = forced_tokens
+        self.stop_on_format_error = stop_on_format_error
+        self.structure_error: MementoFormatError | None = None  # tracking stopped here (if tolerated)
         self.generator: torch.Generator | None = None  # this sample's own RNG (set by the engine)
         self.status = SequenceStatus.WAITING
         self.finish_reason: str | None = None
@@ -95,6 +99,7 @@ class Sequence:
         visible, then the blocks go away again).
         """
         self.tracker = self._make_tracker()
+        self.structure_error = None
         self.row_token: list[int] = []
         self.row_position: list[int] = []
         self.row_invisible_from: list[int] = []
@@ -122,9 +127,20 @@ class Sequence:
         return len(self.row_token) - self.computed
 
     def _add_row_for_token(self, token: int) -> None:
-        """Feed the tracker (may raise MementoFormatError), apply its events, append the token's row."""
+        """Feed the tracker (may raise MementoFormatError), apply its events, append the token's row.
+
+        With ``stop_on_format_error=False`` a defect ends tracking instead: the evictions decided
+        before it stand, later tokens are plain rows (``compute_visibility(stop_tracking_on_error=True)``).
+        """
         index = len(self.row_of_token)
-        events = self.tracker.feed(token)
+        events = []
+        if self.structure_error is None:
+            try:
+                events = self.tracker.feed(token)
+            except MementoFormatError as err:
+                if self.stop_on_format_error:
+                    raise
+                self.structure_error = err
         for event in events:
             first_new_row = len(self.row_token)
             for t in event.recompute:  # restart: the memento again, at its own positions
