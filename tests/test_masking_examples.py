@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from memento.format import MementoFormatError, SpecialTokenIds
-from memento.masking import MaskConfig, MementoTracker, compute_visibility
+from memento.masking import NEVER, MaskConfig, MementoTracker, compute_visibility
 
 SPECIALS = SpecialTokenIds(block_start=1, block_end=2, summary_start=3, summary_end=4, think_start=5, think_end=6)
 BS, BE, SS, SE, TH, TE = 1, 2, 3, 4, 5, 6
@@ -245,3 +245,24 @@ def test_a_prefix_with_an_open_block_is_fine() -> None:
     # An engine sees prefixes: a block still open at the end is no defect.
     vis = compute_visibility([P, TH, BS, A_, BE, SS, M_, SE, BS, B_], SPECIALS, MaskConfig())
     assert [(e.at, e.start, e.stop) for e in vis.events] == [(7, 3, 4)]
+
+
+def test_stop_tracking_on_error_keeps_earlier_evictions_and_tracks_nothing_after() -> None:
+    ids = [TH, BS, A_, BE, SS, M_, SE, SE, A_, BS, A_]  # the second <|summary_end|> (index 7) is the defect
+    with pytest.raises(MementoFormatError) as err:
+        compute_visibility(ids, SPECIALS, MaskConfig())
+    assert err.value.position == 7
+    vis = compute_visibility(ids, SPECIALS, MaskConfig(), stop_tracking_on_error=True)
+    head = compute_visibility(ids[:7], SPECIALS, MaskConfig())
+    assert vis.invisible_from.tolist() == head.invisible_from.tolist() + [NEVER] * 4
+    assert vis.invisible_from[2] == 6  # the block's reasoning still hides from its <|summary_end|>
+    assert vis.position_ids.tolist() == list(range(len(ids)))
+    assert vis.output_rows.tolist() == list(range(len(ids)))
+    assert vis.events == head.events
+    # Restart mode: the tail follows the expanded head, at its own logical positions.
+    restart = MaskConfig(restart=True)
+    vis = compute_visibility(ids, SPECIALS, restart, stop_tracking_on_error=True)
+    head = compute_visibility(ids[:7], SPECIALS, restart)
+    assert len(vis) == len(head) + 4
+    assert vis.position_ids[len(head) :].tolist() == [7, 8, 9, 10]
+    assert vis.output_rows.tolist() == head.output_rows.tolist() + list(range(len(head), len(head) + 4))
