@@ -13,7 +13,7 @@ its blocks evicted (keep_last_n=0). An answer is right when the text after ``</t
 problem's answer. Also reported: peak live KV per problem (tokens the newest token attends to),
 training time, and the loss curves (PNG).
 
-    .venv/bin/python benchmarks/sft_accuracy.py --out runs/sft_accuracy      # ~25 min on 2 cores
+    .venv/bin/python benchmarks/sft_accuracy.py --out runs/sft_accuracy      # ~15 min on 2 cores
     .venv/bin/python benchmarks/sft_accuracy.py --steps 40 --test 16 --out /tmp/x  # a smoke run
 """
 
@@ -152,14 +152,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train", type=int, default=4000)
     parser.add_argument("--validation", type=int, default=200)
     parser.add_argument("--test", type=int, default=200)
-    parser.add_argument("--steps", type=int, default=400, help="optimizer steps per model (memento: half per stage)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--steps", type=int, default=1400, help="optimizer steps per model (memento: half per stage)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--scheduler", default="cosine", help="learning-rate schedule (transformers name)")
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--intermediate", type=int, default=256, help="MLP width of the tiny Qwen3")
-    parser.add_argument("--eval-every", type=int, default=50)
+    parser.add_argument("--eval-every", type=int, default=350)
     parser.add_argument("--gen-batch", type=int, default=50)
     parser.add_argument("--max-new-tokens", type=int, default=768)
     parser.add_argument("--evaluator", choices=("engine", "reference"), default="engine")
