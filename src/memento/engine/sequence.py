@@ -119,10 +119,6 @@ class Sequence:
         return len(self.prompt_ids) + len(self.output_ids)
 
     @property
-    def num_rows(self) -> int:
-        return len(self.row_token)
-
-    @property
     def num_pending(self) -> int:
         return len(self.row_token) - self.computed
 
