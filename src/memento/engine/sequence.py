@@ -18,6 +18,7 @@ import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from memento.engine.sampling import SamplingParams
@@ -103,10 +104,13 @@ class Sequence:
         self.row_token: list[int] = []
         self.row_position: list[int] = []
         self.row_invisible_from: list[int] = []
-        self.row_slot: list[int] = []
         self.row_of_token: list[int] = []
         self.computed = 0  # rows [0, computed) have had their KV computed
-        self.live_rows: list[int] = []  # computed rows that still hold a slot, ascending
+        # Computed rows that still hold a slot (ascending) and their slots: NumPy buffers grown by
+        # doubling, because the runner reads them whole at every step of every sequence.
+        self._live_rows = np.zeros(64, dtype=np.int64)
+        self._live_slots = np.zeros(64, dtype=np.int64)
+        self._num_live = 0
         self.doomed: list[int] = []  # rows given an invisible_from and not yet released
         for token in self.all_token_ids():
             self._add_row_for_token(token)
@@ -157,7 +161,6 @@ class Sequence:
         self.row_token.append(int(token))
         self.row_position.append(position)
         self.row_invisible_from.append(NEVER)
-        self.row_slot.append(0)
 
     def append_output(self, token: int) -> None:
         """Record a generated token (the caller decides whether to feed it on)."""
@@ -174,39 +177,55 @@ class Sequence:
 
     def mark_computed(self, rows: range, slots: list[int]) -> None:
         """The rows' KV now lives in ``slots``."""
-        assert rows.start == self.computed
-        for row, slot in zip(rows, slots, strict=True):
-            self.row_slot[row] = slot
-        self.live_rows.extend(rows)
+        assert rows.start == self.computed and len(rows) == len(slots)
+        n, grow = self._num_live, len(rows)
+        if n + grow > len(self._live_rows):
+            size = max(2 * len(self._live_rows), n + grow)
+            self._live_rows = np.resize(self._live_rows, size)
+            self._live_slots = np.resize(self._live_slots, size)
+        self._live_rows[n : n + grow] = np.arange(rows.start, rows.stop)
+        self._live_slots[n : n + grow] = slots
+        self._num_live = n + grow
         self.computed = rows.stop
+
+    @property
+    def live_rows(self) -> np.ndarray:
+        """The computed rows that still hold a KV slot, ascending (a view: copy before keeping)."""
+        return self._live_rows[: self._num_live]
+
+    @property
+    def live_slots(self) -> np.ndarray:
+        """The slot of each of :attr:`live_rows` (a view)."""
+        return self._live_slots[: self._num_live]
+
+    @property
+    def num_live(self) -> int:
+        return self._num_live
 
     def release_dead(self) -> list[int]:
         """Drop (and return the slots of) live rows no pending or future row can see."""
         if not self.doomed:  # only rows an eviction event touched can die: no scan of the live rows
             return []
         horizon = self.computed
-        dead = {r for r in self.doomed if r < horizon and self.row_invisible_from[r] <= horizon}
+        dead = [r for r in self.doomed if r < horizon and self.row_invisible_from[r] <= horizon]
         if not dead:
             return []
-        self.doomed = [r for r in self.doomed if r not in dead]
-        self.live_rows = [r for r in self.live_rows if r not in dead]
-        slots = [self.row_slot[r] for r in sorted(dead)]
-        for r in dead:
-            self.row_slot[r] = 0
+        dead_set = set(dead)
+        self.doomed = [r for r in self.doomed if r not in dead_set]
+        keep = ~np.isin(self.live_rows, dead)
+        slots = self.live_slots[~keep].tolist()
+        n = int(keep.sum())
+        self._live_rows[:n] = self.live_rows[keep]
+        self._live_slots[:n] = self.live_slots[keep]
+        self._num_live = n
         return slots
 
     def release_all(self) -> list[int]:
         """Every slot this sequence holds (for preemption or when it finishes)."""
-        slots = [self.row_slot[r] for r in self.live_rows]
-        for r in self.live_rows:
-            self.row_slot[r] = 0
-        self.live_rows = []
+        slots = self.live_slots.tolist()
+        self._num_live = 0
         self.doomed = []
         return slots
-
-    @property
-    def num_live(self) -> int:
-        return len(self.live_rows)
 
     # -- state -------------------------------------------------------------------------------
 
