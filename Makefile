@@ -27,7 +27,7 @@ test-all: $(STAMP)
 	$(PYTHON) -m pytest -q -m "slow or not slow"
 
 demo: $(STAMP)
-	$(PYTHON) -m memento.showcase runs/showcase
+	$(VENV)/bin/memento demo --out runs/demo
 
 bench: $(STAMP)
 	$(PYTHON) benchmarks/mask_build.py

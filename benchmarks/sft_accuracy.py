@@ -149,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/sft_accuracy"))
     parser.add_argument("--task", default=DEFAULT_TASK)
+    parser.add_argument(
+        "--knob", action="append", default=[], metavar="NAME=VALUE", help="a task knob (repeatable), e.g. max_steps=40"
+    )
     parser.add_argument("--train", type=int, default=4000)
     parser.add_argument("--validation", type=int, default=200)
     parser.add_argument("--test", type=int, default=200)
@@ -167,9 +170,13 @@ def main(argv: list[str] | None = None) -> int:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
 
+    knobs = {}
+    for item in args.knob:
+        name, _, value = item.partition("=")
+        knobs[name.strip()] = float(value) if "." in value else int(value)
     data = {}
     for split, n in (("train", args.train), ("validation", args.validation), ("test", args.test)):
-        data[split] = generate(args.task, split, n, seed=0)
+        data[split] = generate(args.task, split, n, seed=0, **knobs)
         write_split(out / f"{split}.jsonl", data[split])
     tokenizer = build_tiny_tokenizer()
     n_params = count_parameters(
@@ -231,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     summary = {
         "task": args.task,
+        "knobs": knobs,
         "train_problems": args.train,
         "test_problems": args.test,
         "steps_per_model": args.steps,
