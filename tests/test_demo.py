@@ -37,7 +37,7 @@ def test_quick_demo_writes_the_report_and_results(quick_run) -> None:
     report = (out / "report.md").read_text()
     assert "| control [vanilla] |" in report and "| memento [restart] |" in report
     assert "restart ablation" in report and (out / "kv_sawtooth.png").exists()
-    assert "control [vanilla]" in output and "report:" in output  # the summary table, markup escaped
+    assert "[vanilla]" in output and "[restart]" in output and "report:" in output  # table, markup escaped
 
 
 def test_quick_demo_checkpoints_load_with_plain_transformers(quick_run) -> None:

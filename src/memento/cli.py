@@ -822,7 +822,7 @@ def eval_command(
     KV, block and memento lengths).
     """
     from memento.eval.kvsim import PRESETS
-    from memento.eval.report import write_report
+    from memento.eval.report import runs_table, write_report
     from memento.eval.run import EvalSettings, Mode, evaluate_model, load_model
     from memento.eval.tasks import load_task_set
 
@@ -870,26 +870,8 @@ def eval_command(
         "runs": runs,
     }
     report = write_report(results, out, kv_models)
-    _print_runs(runs)
+    Console().print(runs_table(runs))
     Console().print(f"report: {report}")
-
-
-def _print_runs(runs: list[dict[str, Any]]) -> None:
-    from rich.markup import escape
-
-    table = Table()
-    for column in ("run", "pass@1", "mean peak KV", "mean AUC KV", "tokens/s", "finish reasons"):
-        table.add_column(column, justify="left" if column in ("run", "finish reasons") else "right")
-    for run in runs:
-        table.add_row(
-            escape(f"{run['label']} [{run['mode']['name']}]"),
-            f"{100 * run['accuracy']['pass@1']:.1f}%",
-            f"{run['mean_peak_kv']:.0f}",
-            f"{run['mean_auc_kv']:,.0f}",
-            f"{run['tokens_per_second']:,.0f}",
-            ", ".join(f"{k} {v}" for k, v in sorted(run["finish_reasons"].items())),
-        )
-    Console().print(table)
 
 
 @app.command("demo")
@@ -910,11 +892,12 @@ def demo_command(
     """
     from rich.markup import escape
 
-    from memento.demo import run_demo, summary_table
+    from memento.demo import run_demo
+    from memento.eval.report import runs_table
 
     console = Console(highlight=False)
     results = run_demo(out, quick=quick, fresh=fresh, show_progress=progress, log=lambda m: console.print(escape(m)))
-    console.print(summary_table(results))
+    console.print(runs_table(results["runs"], results.get("title")))
     for target in results["targets"]:
         mark = "[green]met[/green]" if target["met"] else "[red]NOT met[/red]"
         console.print(f"{mark}  {escape(target['target'])}: {target['measured']}")

@@ -306,22 +306,3 @@ def _notes(results: dict[str, Any], targets: list[tuple[str, bool, str]]) -> lis
         "with full attention.",
     ]
     return ["\n".join(lines)]
-
-
-def summary_table(results: dict[str, Any]):
-    """A rich table of the runs and the targets, printed at the end of the demo."""
-    from rich.markup import escape
-    from rich.table import Table
-
-    table = Table(title=escape(results.get("title", "memento demo")))
-    for column in ("run", "pass@1", "mean peak KV", "mean AUC KV", "tokens/s"):
-        table.add_column(column, justify="left" if column == "run" else "right")
-    for run in results["runs"]:
-        table.add_row(
-            escape(f"{run['label']} [{run['mode']['name']}]"),
-            f"{100 * run['accuracy']['pass@1']:.1f}%",
-            f"{run['mean_peak_kv']:.0f}",
-            f"{run['mean_auc_kv']:,.0f}",
-            f"{run['tokens_per_second']:,.0f}",
-        )
-    return table

@@ -228,3 +228,23 @@ def draw_plots(results: dict[str, Any], out: Path) -> list[tuple[str, str]]:
         fig.savefig(out / PLOTS["structure"], dpi=110)
         drawn.append(("Blocks and memento lengths", PLOTS["structure"]))
     return drawn
+
+
+def runs_table(runs: list[dict[str, Any]], title: str | None = None):
+    """The runs as a rich table for the terminal (names escaped: ``[vanilla]`` is not markup)."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title=escape(title) if title else None)
+    for column in ("run", "pass@1", "mean peak KV", "mean AUC KV", "tokens/s", "finish reasons"):
+        table.add_column(column, justify="left" if column in ("run", "finish reasons") else "right")
+    for run in runs:
+        table.add_row(
+            escape(run_name(run)),
+            f"{100 * run['accuracy']['pass@1']:.1f}%",
+            f"{run['mean_peak_kv']:.0f}",
+            f"{run['mean_auc_kv']:,.0f}",
+            f"{run['tokens_per_second']:,.0f}",
+            ", ".join(f"{k} {v}" for k, v in sorted(run["finish_reasons"].items())),
+        )
+    return table
