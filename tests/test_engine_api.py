@@ -808,3 +808,31 @@ def test_engine_eviction_totals_equal_the_sum_over_requests(tok, model, prompts)
     kv = out.outputs[0].kv
     assert (kv.evictions, kv.evicted_tokens) == (2, PARTIAL_EVICTED)
     assert (engine.stats.evictions, engine.stats.evicted_tokens) == (kv.evictions, kv.evicted_tokens)
+
+
+def test_abort_request_frees_its_slots_and_leaves_the_others_alone(model, tok, prompts) -> None:
+    engine = LLMEngine(model, tok, EngineConfig(kv_budget_tokens=1024, max_num_seqs=4))
+    kept = engine.add_request(prompts["plain"], greedy(12))
+    doomed = engine.add_request(prompts["think"], SamplingParams(n=2, temperature=0, max_tokens=50, ignore_eos=True))
+    for _ in range(4):
+        engine.step()
+    used_by_both = engine.pool.num_used
+    output = engine.abort_request(doomed)
+    assert [o.finish_reason for o in output.outputs] == ["abort", "abort"]
+    assert all(len(o.token_ids) >= 3 for o in output.outputs)  # what it had generated is kept
+    assert engine.pool.num_used == used_by_both - 2 * (len(prompts["think"]) + len(output.outputs[0].token_ids) - 1)
+    assert engine.abort_request(doomed) is None  # collected: unknown now
+    assert engine.stats.cancelled == 1
+    done = {r.request_id: r for r in engine.run_to_completion()}
+    solo = LLMEngine(model, tok, EngineConfig(kv_budget_tokens=1024))
+    solo.add_request(prompts["plain"], greedy(12), request_id="solo")
+    assert done[kept].outputs[0].token_ids == solo.run_to_completion()[0].outputs[0].token_ids
+    assert engine.pool.num_used == 0
+
+
+def test_check_request_reads_the_config_only(model, tok, prompts) -> None:
+    engine = LLMEngine(model, tok, EngineConfig(kv_budget_tokens=16))
+    with pytest.raises(ValueError, match="KV budget"):
+        engine.check_request(prompts["plain"], greedy(4))
+    assert engine.check_request([1, 2, 3], greedy(4)) == [1, 2, 3]
+    assert not engine.has_unfinished()

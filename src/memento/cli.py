@@ -904,6 +904,82 @@ def demo_command(
     console.print(f"report: {out / 'report.md'}   models: {out / 'control-model'}, {out / 'memento-model'}")
 
 
+@app.command("serve")
+def serve_command(
+    model: Annotated[Path, typer.Argument(help="A local HF checkpoint directory (model + tokenizer).")],
+    host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=0, max=65535)] = 8000,
+    served_model_name: Annotated[
+        str | None, typer.Option("--served-model-name", help="The name clients ask for (default: the directory).")
+    ] = None,
+    kv_budget_tokens: Annotated[int, typer.Option("--kv-budget-tokens", min=1, help="KV pool size in tokens.")] = 32768,
+    max_num_seqs: Annotated[int, typer.Option("--max-num-seqs", min=1, help="Most sequences running at once.")] = 64,
+    keep_last_n: Annotated[int, typer.Option("--keep-last-n", help="-1 vanilla, 0 memento, N keep N blocks.")] = 0,
+    mask_delimiters: Annotated[bool, typer.Option("--mask-delimiters", help="Evict the block delimiters too.")] = False,
+    restart: Annotated[bool, typer.Option("--restart", help="Restart ablation: recompute mementos alone.")] = False,
+    max_block_tokens: Annotated[
+        int | None, typer.Option("--max-block-tokens", min=1, help="Force <|block_end|> after this many tokens.")
+    ] = None,
+    max_pending_requests: Annotated[
+        int, typer.Option("--max-pending-requests", min=1, help="Requests in flight before answering 429.")
+    ] = 256,
+    shutdown_timeout: Annotated[
+        float, typer.Option("--shutdown-timeout", min=0, help="Seconds in-flight requests get to finish on shutdown.")
+    ] = 30.0,
+    dtype: Annotated[str, typer.Option("--dtype", help="auto, float32 or bfloat16.")] = "auto",
+    torch_threads: Annotated[
+        int,
+        typer.Option(
+            "--torch-threads",
+            min=0,
+            help="CPU threads for the model; 0: all cores but one (the HTTP side needs one: BENCHMARKS.md).",
+        ),
+    ] = 0,
+) -> None:
+    """Serve a model over the OpenAI API (completions, chat, streaming) with in-place KV eviction.
+
+    /v1/completions, /v1/chat/completions, /v1/models, /health and /metrics (Prometheus). Chat
+    answers carry the reasoning (blocks and mementos) in reasoning_content and the answer in content;
+    usage adds the request's peak KV and evicted tokens.
+    """
+    import uvicorn
+
+    from memento.engine import EngineConfig
+    from memento.serve.server import build_app
+
+    if not model.exists():
+        _fail(f"no such file or directory: {model}")
+    try:
+        config = EngineConfig(
+            kv_budget_tokens=kv_budget_tokens,
+            max_num_seqs=max_num_seqs,
+            keep_last_n=keep_last_n,
+            mask_delimiters=mask_delimiters,
+            restart=restart,
+            max_block_tokens=max_block_tokens,
+        )
+        server_app = build_app(
+            model,
+            config,
+            model_name=served_model_name,
+            dtype=dtype,
+            max_pending_requests=max_pending_requests,
+            shutdown_timeout=shutdown_timeout,
+        )
+    except ValueError as exc:
+        _fail(str(exc), code=1)
+    import os
+
+    import torch
+
+    threads = torch_threads or max(1, (os.cpu_count() or 2) - 1)
+    torch.set_num_threads(threads)
+    Console(stderr=True).print(
+        f"serving {model} on http://{host}:{port}/v1 (keep_last_n={keep_last_n}, {threads} torch threads)"
+    )
+    uvicorn.run(server_app, host=host, port=port, log_level="info", timeout_graceful_shutdown=int(shutdown_timeout))
+
+
 def main() -> None:
     """Entry point of the ``memento`` console script."""
     app(prog_name="memento")

@@ -114,7 +114,8 @@ class EngineStats:
     evictions: int = 0
     evicted_tokens: int = 0
     preemptions: int = 0
-    aborted: int = 0
+    aborted: int = 0  # finished "kv_budget": bigger than the whole pool
+    cancelled: int = 0  # requests stopped by abort_request (e.g. a client that went away)
     forward_seconds: float = 0.0
     release_seconds: float = 0.0  # returning evicted slots: the engine's "compaction"
     step_seconds: float = 0.0
@@ -234,21 +235,7 @@ class LLMEngine:
     ) -> str:
         """Queue a prompt (text or token ids). Bad input raises ValueError; nothing else is touched."""
         params = params or SamplingParams()
-        if not isinstance(params, SamplingParams):
-            raise ValueError(f"params must be SamplingParams, not {type(params).__name__}")
-        prompt_ids = self._prompt_ids(prompt)
-        if params.stop and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer; use stop_token_ids for a token-only engine")
-        if len(prompt_ids) >= self.max_model_len:
-            raise ValueError(
-                f"the prompt has {len(prompt_ids)} tokens; the context holds {self.max_model_len} "
-                "(no room for one generated token)"
-            )
-        if len(prompt_ids) > self.pool.capacity:
-            raise ValueError(
-                f"the prompt has {len(prompt_ids)} tokens but the KV budget is {self.pool.capacity} tokens "
-                "(raise kv_budget_tokens)"
-            )
+        prompt_ids = self.check_request(prompt, params)
         if forced_tokens is not None:
             forced_tokens = self._token_ids(forced_tokens, "forced_tokens")
         request_id = str(next(self._ids)) if request_id is None else str(request_id)
@@ -289,6 +276,28 @@ class LLMEngine:
             self.scheduler.add(seq)
         return request_id
 
+    def check_request(self, prompt: str | Seq[int], params: SamplingParams) -> list[int]:
+        """The prompt's token ids if the request can run here; a ValueError saying why not otherwise.
+
+        Reads only the configuration (safe from another thread while the engine steps).
+        """
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be SamplingParams, not {type(params).__name__}")
+        prompt_ids = self._prompt_ids(prompt)
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer; use stop_token_ids for a token-only engine")
+        if len(prompt_ids) >= self.max_model_len:
+            raise ValueError(
+                f"the prompt has {len(prompt_ids)} tokens; the context holds {self.max_model_len} "
+                "(no room for one generated token)"
+            )
+        if len(prompt_ids) > self.pool.capacity:
+            raise ValueError(
+                f"the prompt has {len(prompt_ids)} tokens but the KV budget is {self.pool.capacity} tokens "
+                "(raise kv_budget_tokens)"
+            )
+        return prompt_ids
+
     def _open_block_from_prompt(self, seq: Sequence) -> None:
         """A prompt that ends inside a block (e.g. a forced ``<|block_start|>``) counts toward the cap."""
         for token in seq.prompt_ids:
@@ -322,6 +331,32 @@ class LLMEngine:
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
+
+    @property
+    def num_waiting(self) -> int:
+        """Sequences queued for admission (preempted ones included)."""
+        return len(self.scheduler.waiting)
+
+    @property
+    def num_running(self) -> int:
+        """Sequences holding KV slots."""
+        return len(self.scheduler.running)
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now: unfinished samples end with ``abort`` and every KV slot they hold is freed.
+
+        Call it between steps (the engine is not thread-safe). Returns the request's output so far,
+        or None for an unknown or already collected request.
+        """
+        sequences = self._sequences.get(request_id)
+        if sequences is None:
+            return None
+        for seq in sequences:
+            if not seq.finished:
+                seq.finish("abort")
+        self.scheduler.remove(sequences)
+        self.stats.cancelled += 1
+        return self._collect(request_id)
 
     # -- the step ----------------------------------------------------------------------------
 

@@ -48,6 +48,18 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def remove(self, sequences: list[Sequence]) -> int:
+        """Take sequences out wherever they are (waiting or running) and free their slots; returns slots freed."""
+        doomed = {id(s) for s in sequences}
+        freed = 0
+        for seq in sequences:
+            slots = seq.release_all()
+            freed += len(slots)
+            self.pool.free(slots)
+        self.waiting = deque(s for s in self.waiting if id(s) not in doomed)
+        self.running = [s for s in self.running if id(s) not in doomed]
+        return freed
+
     def remove_finished(self) -> list[Sequence]:
         """Drop finished sequences from the running list, freeing their slots."""
         done = [s for s in self.running if s.finished]

@@ -1,0 +1,447 @@
+"""The OpenAI-compatible HTTP API over the engine (FastAPI).
+
+Routes: ``/v1/completions``, ``/v1/chat/completions`` (the tokenizer's chat template; reasoning in
+``reasoning_content``, the answer in ``content``), ``/v1/models``, ``/health``, ``/metrics``
+(Prometheus). Both completion routes stream as server-sent events when ``stream`` is set. Each
+``usage`` carries, besides the token counts, the request's peak live KV (tokens, the largest over
+its samples) and the tokens evicted from its KV.
+
+Errors are OpenAI error objects: 400 for a body that is not JSON, unknown or invalid fields, a
+prompt the context or the KV budget cannot hold; 404 for another model name; 429 when too many
+requests are in flight; 503 while shutting down. A client that disconnects (streaming or not) has
+its request aborted, and its KV slots freed, before the engine's next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from memento.engine import RequestOutput, SamplingParams
+from memento.serve.async_engine import (
+    AsyncEngine,
+    EngineOverloaded,
+    EngineUnavailable,
+    ErrorEvent,
+    FinishedEvent,
+    TokenEvent,
+)
+from memento.serve.protocol import ChatCompletionRequest, CompletionRequest, error_body
+from memento.serve.text import IncrementalText, ReasoningStream, final_text, split_reasoning
+
+FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "kv_budget": "length", "abort": "abort"}
+"""Engine finish reasons as the API reports them (``format_error`` ends like a stop: the engine's
+reason is also in ``stop_reason``)."""
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param = status, message, kind, param
+
+
+def _error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
+    return JSONResponse(error_body(message, kind, param, status), status_code=status)
+
+
+class _EngineCollector:
+    """Prometheus metrics read from the engine at scrape time."""
+
+    def __init__(self, server: ServerState) -> None:
+        self.server = server
+
+    def collect(self):
+        engine = self.server.async_engine.engine
+        stats = engine.stats
+        gauges = {
+            "memento_requests_in_flight": ("requests submitted and not finished", self.server.async_engine.pending),
+            "memento_queue_length": ("sequences waiting for admission", engine.num_waiting),
+            "memento_running_sequences": ("sequences holding KV", engine.num_running),
+            "memento_kv_pool_used_tokens": ("KV slots in use", engine.pool.num_used),
+            "memento_kv_pool_capacity_tokens": ("KV slots in the pool", engine.pool.capacity),
+            "memento_kv_bytes_per_token": ("bytes of KV per token", engine.geometry.bytes_per_token),
+        }
+        for name, (doc, value) in gauges.items():
+            yield GaugeMetricFamily(name, doc, value=value)
+        counters = {
+            "memento_generated_tokens": ("tokens generated", stats.generated_tokens),
+            "memento_evictions": ("blocks evicted", stats.evictions),
+            "memento_evicted_tokens": ("tokens evicted from the KV pool", stats.evicted_tokens),
+            "memento_preemptions": ("sequences preempted (recomputed later)", stats.preemptions),
+            "memento_engine_steps": ("engine steps", stats.steps),
+            "memento_cancelled_requests": ("requests aborted (client gone or shutdown)", stats.cancelled),
+        }
+        for name, (doc, value) in counters.items():
+            yield CounterMetricFamily(name, doc, value=value)
+
+
+class ServerState:
+    """What the routes share: the engine, the model's name and the metrics."""
+
+    def __init__(self, async_engine: AsyncEngine, model_name: str, shutdown_timeout: float) -> None:
+        self.async_engine = async_engine
+        self.model_name = model_name
+        self.shutdown_timeout = shutdown_timeout
+        self.created = int(time.time())
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "memento_http_requests", "HTTP requests by route and status", ["route", "status"], registry=self.registry
+        )
+        self.prompt_tokens = Counter("memento_prompt_tokens", "prompt tokens received", registry=self.registry)
+        self.registry.register(_EngineCollector(self))
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.async_engine.engine.tokenizer
+
+    @property
+    def eos_ids(self) -> set[int]:
+        return self.async_engine.engine.eos_token_ids
+
+
+# -- building responses --------------------------------------------------------------------------
+
+
+def _token_text(tokenizer: Any, token_id: int) -> str:
+    return tokenizer.decode([token_id])
+
+
+def _completion_logprobs(tokenizer: Any, token_ids: list[int], logprobs: list, tops: list, start: int) -> dict:
+    """The legacy completions format: tokens, token_logprobs, top_logprobs, text_offset."""
+    tokens = [_token_text(tokenizer, t) for t in token_ids]
+    offsets, at = [], start
+    for text in tokens:
+        offsets.append(at)
+        at += len(text)
+    return {
+        "tokens": tokens,
+        "token_logprobs": list(logprobs),
+        "top_logprobs": [
+            {_token_text(tokenizer, t): lp for t, lp in top.items()} if top is not None else None for top in tops
+        ],
+        "text_offset": offsets,
+    }
+
+
+def _chat_logprobs(tokenizer: Any, token_ids: list[int], logprobs: list, tops: list) -> dict:
+    """The chat format: one entry per token with its bytes and the top alternatives."""
+
+    def entry(token_id: int, logprob: float | None) -> dict:
+        text = _token_text(tokenizer, token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    content = []
+    for token_id, logprob, top in zip(token_ids, logprobs, tops, strict=True):
+        item = entry(token_id, logprob)
+        item["top_logprobs"] = [entry(t, lp) for t, lp in (top or {}).items()]
+        content.append(item)
+    return {"content": content}
+
+
+def _usage(output: RequestOutput) -> dict:
+    completion = sum(len(o.token_ids) for o in output.outputs)
+    prompt = len(output.prompt_token_ids)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "peak_kv_tokens": max((o.kv.peak for o in output.outputs), default=0),
+        "evicted_tokens": sum(o.kv.evicted_tokens for o in output.outputs),
+    }
+
+
+def _visible_ids(sample, finish_reason: str | None, params: SamplingParams) -> list[int]:
+    """The sampled ids whose text is returned (a final EOS / stop id is not)."""
+    ids = list(sample.token_ids)
+    by_token = finish_reason == "eos" or (finish_reason == "stop" and isinstance(sample.stop_reason, int))
+    if ids and by_token and not (finish_reason == "stop" and params.include_stop_str_in_output):
+        ids = ids[:-1]
+    return ids
+
+
+# -- the app -------------------------------------------------------------------------------------
+
+
+def create_app(async_engine: AsyncEngine, model_name: str, shutdown_timeout: float = 30.0) -> FastAPI:
+    """The FastAPI app; the engine thread is already running, the app stops it on shutdown."""
+    state = ServerState(async_engine, model_name, shutdown_timeout)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        await async_engine.drain(state.shutdown_timeout)
+        async_engine.stop()
+
+    app = FastAPI(title="memento", lifespan=lifespan)
+    app.state.memento = state
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        problems = []
+        param = None
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+            param = param or where or None
+            problems.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
+        message = "; ".join(problems) or "invalid request"
+        if any(err.get("type") == "json_invalid" for err in exc.errors()):
+            message = f"the body is not valid JSON ({message})"
+        state.requests.labels(request.url.path, "400").inc()
+        return _error(400, message, param=param)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError):
+        state.requests.labels(request.url.path, str(exc.status)).inc()
+        return _error(exc.status, exc.message, exc.kind, exc.param)
+
+    @app.get("/health")
+    async def health():
+        if async_engine.error is not None:
+            return _error(503, f"engine failure: {async_engine.error}", "service_unavailable")
+        return {"status": "ok" if async_engine.accepting else "draining"}
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(generate_latest(state.registry).decode(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models():
+        engine = async_engine.engine
+        card = {
+            "id": model_name,
+            "object": "model",
+            "created": state.created,
+            "owned_by": "memento",
+            "max_model_len": engine.max_model_len,
+            "kv_budget_tokens": engine.pool.capacity,
+            "keep_last_n": engine.config.keep_last_n,
+        }
+        return {"object": "list", "data": [card]}
+
+    def _check_model(name: str | None) -> None:
+        if name is not None and name != model_name:
+            raise ApiError(404, f"the model {name!r} does not exist; this server serves {model_name!r}", "not_found")
+
+    def _prepare(prompt_ids: list[int], params_builder) -> SamplingParams:
+        try:
+            params = params_builder()
+            async_engine.validate(prompt_ids, params)
+        except ValueError as err:
+            raise ApiError(400, str(err)) from None
+        return params
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        _check_model(body.model)
+        tokenizer = state.tokenizer
+        prompt_ids = (
+            tokenizer(body.prompt, add_special_tokens=False)["input_ids"]
+            if isinstance(body.prompt, str)
+            else body.prompt
+        )
+        params = _prepare(prompt_ids, lambda: body.sampling_params(body.max_tokens or 16, body.logprobs))
+        return await _respond(request, "/v1/completions", prompt_ids, params, body, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        _check_model(body.model)
+        tokenizer = state.tokenizer
+        if not getattr(tokenizer, "chat_template", None):
+            raise ApiError(400, "this model's tokenizer has no chat template: use /v1/completions")
+        text = tokenizer.apply_chat_template(body.chat_messages(), tokenize=False, add_generation_prompt=True)
+        prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        room = async_engine.engine.max_model_len - len(prompt_ids)
+        max_tokens = body.max_completion_tokens or body.max_tokens or max(room, 1)
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        params = _prepare(prompt_ids, lambda: body.sampling_params(max_tokens, logprobs))
+        return await _respond(request, "/v1/chat/completions", prompt_ids, params, body, chat=True)
+
+    async def _respond(request: Request, route: str, prompt_ids, params, body, chat: bool):
+        try:
+            events = async_engine.generate(prompt_ids, params)
+            first = await anext(events)  # raises before any byte is sent when overloaded
+        except EngineOverloaded as err:
+            raise ApiError(429, str(err), "rate_limit_exceeded") from None
+        except EngineUnavailable as err:
+            raise ApiError(503, str(err), "service_unavailable") from None
+        state.prompt_tokens.inc(len(prompt_ids))
+        request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        if body.stream:
+            state.requests.labels(route, "200").inc()
+            stream = _stream(request_id, first, events, params, body, chat)
+            return StreamingResponse(stream, media_type="text/event-stream")
+        output = await _collect_unless_gone(request, first, events)
+        if output is None:
+            raise ApiError(499, "the client closed the request", "client_closed")
+        state.requests.labels(route, "200").inc()
+        return _full_response(request_id, output, params, chat)
+
+    async def _collect_unless_gone(request: Request, first, events) -> RequestOutput | None:
+        """The finished output, or None when the client disconnects first (the request is aborted)."""
+        task = asyncio.create_task(_collect(first, events))
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=0.1)
+                if done:
+                    return task.result()
+                if await request.is_disconnected():
+                    return None
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    async def _collect(first: list, events) -> RequestOutput | None:
+        try:
+            batch = first
+            while True:
+                last = batch[-1]
+                if isinstance(last, FinishedEvent):
+                    return last.output
+                if isinstance(last, ErrorEvent):
+                    raise ApiError(400, last.message)
+                batch = await anext(events)
+        finally:
+            await events.aclose()  # cancelled (client gone): aborts the request in the engine
+
+    def _full_response(request_id: str, output: RequestOutput, params: SamplingParams, chat: bool) -> dict:
+        tokenizer = state.tokenizer
+        choices = []
+        for sample in output.outputs:
+            text = final_text(tokenizer, sample.token_ids, sample.finish_reason, sample.stop_reason, params)
+            finish = FINISH_REASONS.get(sample.finish_reason or "", "stop")
+            ids = _visible_ids(sample, sample.finish_reason, params)
+            stop_reason = sample.stop_reason if sample.finish_reason != "format_error" else "format_error"
+            if chat:
+                reasoning, answer = split_reasoning(text)
+                choice = {
+                    "index": sample.index,
+                    "message": {"role": "assistant", "content": answer, "reasoning_content": reasoning},
+                    "logprobs": None,
+                    "finish_reason": finish,
+                    "stop_reason": stop_reason,
+                }
+                if params.logprobs is not None:
+                    n = len(ids)
+                    choice["logprobs"] = _chat_logprobs(tokenizer, ids, sample.logprobs[:n], sample.top_logprobs[:n])
+            else:
+                choice = {
+                    "index": sample.index,
+                    "text": text,
+                    "logprobs": None,
+                    "finish_reason": finish,
+                    "stop_reason": stop_reason,
+                }
+                if params.logprobs is not None:
+                    n = len(ids)
+                    choice["logprobs"] = _completion_logprobs(
+                        tokenizer, ids, sample.logprobs[:n], sample.top_logprobs[:n], 0
+                    )
+            choices.append(choice)
+        return {
+            "id": request_id,
+            "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": model_name,
+            "choices": choices,
+            "usage": _usage(output),
+        }
+
+    async def _stream(request_id, first, events, params: SamplingParams, body, chat: bool) -> AsyncIterator[str]:
+        """Server-sent events: one chunk per sampled token, a final chunk per sample, [DONE]."""
+        tokenizer = state.tokenizer
+        created = int(time.time())
+        kind = "chat.completion.chunk" if chat else "text_completion"
+        texts = [IncrementalText(tokenizer, params) for _ in range(params.n)]
+        reasoning = [ReasoningStream() for _ in range(params.n)]
+        ids: list[list[int]] = [[] for _ in range(params.n)]
+        offsets = [0] * params.n
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+        def chunk(choices: list[dict], usage: dict | None = None) -> str:
+            data: dict[str, Any] = {
+                "id": request_id,
+                "object": kind,
+                "created": created,
+                "model": model_name,
+                "choices": choices,
+            }
+            if include_usage:
+                data["usage"] = usage
+            return f"data: {json.dumps(data)}\n\n"
+
+        def choice(index: int, text: str, finish: str | None = None, logprobs: Any = None, **extra) -> dict:
+            if chat:
+                r_delta, a_delta = reasoning[index].push(text, final=finish is not None)
+                delta: dict[str, Any] = {}
+                if r_delta:
+                    delta["reasoning_content"] = r_delta
+                if a_delta:
+                    delta["content"] = a_delta
+                return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish, **extra}
+            return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish, **extra}
+
+        try:
+            if chat:
+                role = {"role": "assistant", "content": ""}
+                opening = [
+                    {"index": i, "delta": role, "logprobs": None, "finish_reason": None} for i in range(params.n)
+                ]
+                yield chunk(opening)
+            batch = first
+            while True:
+                # One chunk per sample per batch: a batch is one engine step, or several when this
+                # stream fell behind (then their tokens go out together).
+                tokens: dict[int, list[TokenEvent]] = {}
+                for event in batch:
+                    if isinstance(event, TokenEvent):
+                        tokens.setdefault(event.index, []).append(event)
+                for i, got in tokens.items():
+                    ids[i].extend(e.token_id for e in got)
+                    delta = texts[i].delta(ids[i], state.eos_ids)
+                    logprobs = None
+                    if params.logprobs is not None:
+                        shown = [e for e in got if e.token_id not in state.eos_ids | set(params.stop_token_ids)]
+                        one = [e.token_id for e in shown]
+                        lps, tops = [e.sampled.logprob for e in shown], [e.sampled.top_logprobs for e in shown]
+                        if chat:
+                            logprobs = _chat_logprobs(tokenizer, one, lps, tops)
+                        else:
+                            logprobs = _completion_logprobs(tokenizer, one, lps, tops, offsets[i])
+                    offsets[i] += len(delta)
+                    if delta or logprobs is not None:
+                        yield chunk([choice(i, delta, logprobs=logprobs)])
+                last = batch[-1]
+                if isinstance(last, ErrorEvent):
+                    yield f"data: {json.dumps(error_body(last.message))}\n\n"
+                    break
+                if isinstance(last, FinishedEvent):
+                    output = last.output
+                    for sample in output.outputs:
+                        text = final_text(tokenizer, sample.token_ids, sample.finish_reason, sample.stop_reason, params)
+                        rest = texts[sample.index].finish(text)
+                        finish = FINISH_REASONS.get(sample.finish_reason or "", "stop")
+                        stop_reason = sample.stop_reason if sample.finish_reason != "format_error" else "format_error"
+                        yield chunk([choice(sample.index, rest, finish, stop_reason=stop_reason)])
+                    if include_usage:
+                        yield chunk([], _usage(output))
+                    break
+                batch = await anext(events)
+            yield "data: [DONE]\n\n"
+        finally:
+            await events.aclose()  # a client gone mid-stream: the request is aborted here
+
+    return app
