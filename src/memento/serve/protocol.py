@@ -73,6 +73,17 @@ class _Sampling(_Strict):
 
 class CompletionRequest(_Sampling):
     prompt: str | list[int]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_prompt(cls, data: Any) -> Any:
+        prompt = data.get("prompt") if isinstance(data, dict) else None
+        if isinstance(prompt, list) and prompt and not all(isinstance(p, int) for p in prompt):
+            if len(prompt) == 1 and isinstance(prompt[0], str | list):
+                return {**data, "prompt": prompt[0]}  # a batch of one is one prompt
+            raise ValueError("one prompt per request: send several prompts as several requests")
+        return data
+
     max_tokens: Annotated[int, Field(ge=1)] | None = 16
     logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
     echo: Literal[False] = False
