@@ -1,0 +1,1 @@
+"""The OpenMementos data pipeline: plain reasoning traces -> memento traces."""

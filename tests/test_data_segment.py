@@ -1,0 +1,137 @@
+"""The segmenter is exact: it matches brute force over every set of cuts on small inputs."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+
+from memento.data.segment import objective, segment
+
+
+def brute_force(tokens, scores, lam, min_block, norm, max_blocks=None):
+    """The best objective over every set of cuts (the definition, nothing clever)."""
+    n = len(tokens)
+    best = (0.0, ())  # one block: no cuts, no penalty
+    for r in range(1, n):
+        if max_blocks is not None and r + 1 > max_blocks:
+            break
+        for cuts in itertools.combinations(range(n - 1), r):
+            bounds = [0, *(g + 1 for g in cuts), n]
+            if any(sum(tokens[a:b]) < min_block for a, b in itertools.pairwise(bounds)):
+                continue
+            value = objective(tokens, scores, cuts, lam=lam, score_norm=norm)[0]
+            if value > best[0] + 1e-12:
+                best = (value, cuts)
+    return best
+
+
+@pytest.mark.parametrize("norm", ["cuts", "blocks"])
+def test_matches_brute_force_on_random_traces(norm) -> None:
+    rng = random.Random(7)
+    for trial in range(120):
+        n = rng.randint(1, 11)
+        tokens = [rng.randint(5, 120) for _ in range(n)]
+        scores = [rng.choice([0, 0, 0.5, 1, 1, 1.5, 2, 2.5, 3]) for _ in range(n - 1)]
+        lam = rng.choice([0.0, 0.5, 1.0, 3.0])
+        min_block = rng.choice([0, 50, 100, 200])
+        expected, _ = brute_force(tokens, scores, lam, min_block, norm)
+        got = segment(tokens, scores, lam=lam, min_block_tokens=min_block, score_norm=norm)
+        assert got.objective == pytest.approx(expected, abs=1e-9), (trial, tokens, scores, lam, min_block)
+        # The reported blocks really achieve the reported objective and respect the minimum size.
+        again = objective(tokens, scores, got.cuts, lam=lam, score_norm=norm)[0]
+        assert again == pytest.approx(got.objective, abs=1e-9)
+        for first, last in got.blocks:
+            assert sum(tokens[first : last + 1]) >= min_block or len(got.blocks) == 1
+        assert got.blocks[0][0] == 0 and got.blocks[-1][1] == n - 1
+
+
+def test_max_blocks_caps_k_and_ties_go_to_fewer_blocks() -> None:
+    tokens, scores = [100] * 8, [3] * 7
+    assert segment(tokens, scores, min_block_tokens=100).blocks == ((0, 3), (4, 7))  # K = 2, 4, 8 all score 3
+    rng = random.Random(3)
+    for _ in range(30):
+        tokens = [rng.randint(20, 90) for _ in range(9)]
+        scores = [rng.choice([0, 1, 2, 3]) for _ in range(8)]
+        for cap in (2, 3):
+            capped = segment(tokens, scores, min_block_tokens=60, max_blocks=cap)
+            assert len(capped.blocks) <= cap
+            assert capped.objective == pytest.approx(brute_force(tokens, scores, 0.5, 60, "cuts", max_blocks=cap)[0])
+
+
+def test_hand_example() -> None:
+    # Two clear transitions (3) among weak gaps, equal sizes: cut exactly there.
+    tokens = [100] * 6
+    scores = [0, 3, 0, 3, 0]
+    result = segment(tokens, scores, min_block_tokens=150)
+    assert result.blocks == ((0, 1), (2, 3), (4, 5))
+    assert result.mean_score == 3.0 and result.cv == 0.0 and result.objective == 3.0
+
+
+def test_the_release_norm_divides_by_the_block_count() -> None:
+    tokens, scores = [100] * 4, [0, 3, 0]
+    assert segment(tokens, scores, min_block_tokens=100, score_norm="blocks").objective == pytest.approx(3 / 2)
+    assert objective(tokens, scores, [1], score_norm="blocks")[1] == pytest.approx(1.5)
+
+
+def test_missing_scores_count_as_zero_and_short_traces_are_one_block() -> None:
+    assert segment([100, 100, 100], [None, 3], min_block_tokens=100).cuts == (1,)
+    assert segment([50, 50], [3], min_block_tokens=200).blocks == ((0, 1),)
+    assert segment([500], []).blocks == ((0, 0),)
+
+
+@pytest.mark.parametrize(
+    ("tokens", "scores", "kwargs", "message"),
+    [
+        ([], [], {}, "no sentences"),
+        ([1, 2], [], {}, "need 1 gap scores"),
+        ([1, 2], [0.3], {}, "multiple of 0.5"),
+        ([1, 2], [-1], {}, "multiple of 0.5"),
+        ([1, 2], [1], {"score_norm": "mean"}, "score_norm"),
+    ],
+)
+def test_bad_input_is_refused(tokens, scores, kwargs, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        segment(tokens, scores, **kwargs)
+
+
+def test_other_score_grids_with_resolution() -> None:
+    result = segment([100, 100, 100], [0.25, 0.75], min_block_tokens=100, resolution=0.25)
+    assert result.cuts == (1,)
+
+
+@pytest.mark.parametrize("norm", ["cuts", "blocks"])
+def test_the_bounds_do_not_change_the_optimum_on_long_traces(norm) -> None:
+    """Too long for brute force: the pruned search against the same DP with every bound off."""
+    rng = random.Random(11)
+    for _ in range(10):
+        n = rng.randint(40, 70)
+        tokens = [rng.randint(10, 90) for _ in range(n)]
+        weights = rng.choice([[5, 3, 1, 1], [1, 1, 1, 1], [20, 2, 1, 0]])
+        scores = [rng.choices([0, 1, 2, 3], weights)[0] / 2 + rng.choice([0, 0.5]) for _ in range(n - 1)]
+        kwargs = {"lam": rng.choice([0.25, 0.5, 1.0]), "min_block_tokens": 150, "score_norm": norm}
+        kwargs["min_blocks"] = rng.choice([1, 4, 8])
+        fast, slow = segment(tokens, scores, **kwargs), segment(tokens, scores, prune=False, **kwargs)
+        assert fast.objective == pytest.approx(slow.objective, abs=1e-9)
+
+
+def test_min_blocks_matches_brute_force() -> None:
+    rng = random.Random(5)
+    for _ in range(40):
+        n = rng.randint(4, 10)
+        tokens = [rng.randint(20, 90) for _ in range(n)]
+        scores = [rng.choice([0, 0.5, 1, 2, 3]) for _ in range(n - 1)]
+        least = rng.randint(2, 4)
+        got = segment(tokens, scores, min_block_tokens=40, min_blocks=least)
+        fits = max(1, min(n, sum(tokens) // 40))
+        want = min(least, fits)
+        best = -float("inf")
+        for r in range(want - 1, n):
+            for cuts in itertools.combinations(range(n - 1), r):
+                bounds = [0, *(g + 1 for g in cuts), n]
+                if all(sum(tokens[a:b]) >= 40 for a, b in itertools.pairwise(bounds)):
+                    best = max(best, objective(tokens, scores, cuts)[0])
+        if best > -float("inf"):
+            assert len(got.blocks) >= want
+            assert got.objective == pytest.approx(best, abs=1e-9)
