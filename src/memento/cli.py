@@ -980,6 +980,151 @@ def serve_command(
     uvicorn.run(server_app, host=host, port=port, log_level="info", timeout_graceful_shutdown=int(shutdown_timeout))
 
 
+data_app = typer.Typer(
+    help="The OpenMementos data pipeline: plain reasoning traces -> memento traces.", no_args_is_help=True
+)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("build")
+def data_build_command(
+    input_path: Annotated[Path, typer.Argument(help="JSONL / Parquet / HF dataset of problem + cot (or response).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output directory (shards, merged files).")],
+    base_url: Annotated[
+        str, typer.Option("--base-url", help="OpenAI-compatible API root, e.g. http://127.0.0.1:8000/v1")
+    ],
+    model: Annotated[str, typer.Option("--model", help="The model for boundaries and mementos.")],
+    api_key_env: Annotated[str, typer.Option("--api-key-env", help="Env var with the API key.")] = "OPENAI_API_KEY",
+    judge_model: Annotated[str | None, typer.Option("--judge-model", help="Another model to judge mementos.")] = None,
+    judge_base_url: Annotated[str | None, typer.Option("--judge-base-url")] = None,
+    concurrency: Annotated[int, typer.Option("--concurrency", min=1, help="LLM requests in flight.")] = 16,
+    traces_in_flight: Annotated[int, typer.Option("--traces-in-flight", min=1)] = 8,
+    max_retries: Annotated[int, typer.Option("--max-retries", min=0)] = 5,
+    timeout: Annotated[float, typer.Option("--timeout", min=0.1, help="Seconds per LLM request.")] = 120.0,
+    cache_dir: Annotated[
+        Path | None, typer.Option("--cache-dir", help="LLM answer cache (default: OUT/llm-cache).")
+    ] = None,
+    shard_size: Annotated[int, typer.Option("--shard-size", min=1)] = 100,
+    tokenizer: Annotated[Path | None, typer.Option("--tokenizer", help="HF tokenizer for token counts.")] = None,
+    lam: Annotated[float, typer.Option("--lam", min=0.0, help="Weight of the block-size CV.")] = 0.5,
+    min_block_tokens: Annotated[int, typer.Option("--min-block-tokens", min=0)] = 200,
+    min_blocks: Annotated[int, typer.Option("--min-blocks", min=1)] = 1,
+    max_blocks: Annotated[int | None, typer.Option("--max-blocks", min=1)] = None,
+    threshold: Annotated[int, typer.Option("--threshold", min=0, max=10, help="Judge score to accept.")] = 8,
+    max_rounds: Annotated[int, typer.Option("--max-rounds", min=1, help="Compress + judge rounds.")] = 2,
+    limit: Annotated[int | None, typer.Option("--limit", min=1, help="Only the first N records.")] = None,
+    split: Annotated[str | None, typer.Option("--split")] = None,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+) -> None:
+    """Turn plain reasoning traces into memento traces with any OpenAI-compatible LLM. Resumable.
+
+    Writes OUT/default.jsonl and OUT/full.jsonl (the two OpenMementos schemas), OUT/failed.jsonl
+    (traces that could not be done, with the reason) and OUT/summary.json. Kill it at any moment and
+    run the same command again: finished shards are kept and every LLM answer already received comes
+    from the cache.
+    """
+    import asyncio
+
+    from memento.data.boundaries import BoundarySettings
+    from memento.data.llm import LLMConfig
+    from memento.data.pipeline import PipelineConfig, SegmentSettings, run_pipeline
+    from memento.data.summarize import SummarizeSettings
+
+    if not input_path.exists():
+        _fail(f"no such file or directory: {input_path}")
+
+    def llm(url: str, name: str) -> LLMConfig:
+        return LLMConfig(
+            base_url=url,
+            model=name,
+            api_key_env=api_key_env,
+            max_concurrency=concurrency,
+            max_retries=max_retries,
+            timeout_s=timeout,
+            cache_dir=cache_dir or output / "llm-cache",
+        )
+
+    try:
+        config = PipelineConfig(
+            input=input_path,
+            output=output,
+            llm=llm(base_url, model),
+            judge_llm=llm(judge_base_url or base_url, judge_model) if judge_model else None,
+            split=split,
+            tokenizer=str(tokenizer) if tokenizer else None,
+            shard_size=shard_size,
+            traces_in_flight=traces_in_flight,
+            limit=limit,
+            boundaries=BoundarySettings(),
+            segmentation=SegmentSettings(lam, min_block_tokens, min_blocks, max_blocks),
+            summarize=SummarizeSettings(threshold=threshold, max_rounds=max_rounds),
+        )
+        console = Console(stderr=True)
+        if progress and _stderr_is_terminal():
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
+
+            with Progress(
+                "traces", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(), console=console
+            ) as bar:
+                task = bar.add_task("build", total=None)
+                summary = asyncio.run(
+                    run_pipeline(config, lambda done, total: bar.update(task, completed=done, total=total))
+                )
+        else:
+            summary = asyncio.run(run_pipeline(config))
+    except ValueError as exc:
+        _fail(str(exc), code=1)
+    llm_stats = summary["llm"]
+    Console().print(
+        f"{summary['default']} memento traces, {summary['failed']} failed, of {summary['records']} records "
+        f"({summary['resumed_shards']} of {summary['shards']} shards were already done); LLM: "
+        f"{llm_stats['requests']} requests, {llm_stats['cache_hits']} from the cache, {llm_stats['retries']} retries, "
+        f"{llm_stats['prompt_tokens'] + llm_stats['completion_tokens']} tokens -> {output}",
+        soft_wrap=True,
+    )
+
+
+@data_app.command("stats")
+def data_stats_command(
+    file: Annotated[Path, typer.Argument(help="Memento traces (JSONL, Parquet or HF dataset).")],
+    tokenizer: Annotated[Path | None, typer.Option("--tokenizer", help="HF tokenizer for token counts.")] = None,
+    plots: Annotated[Path | None, typer.Option("--plots", help="Directory for the histograms (PNG).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the statistics as JSON.")] = False,
+) -> None:
+    """Dataset statistics and the paper-style histograms: blocks per trace, tokens per block and
+    memento, compression ratio."""
+    if not file.exists():
+        _fail(f"no such file or directory: {file}")
+    tok = _tokenizer(tokenizer)
+    acc = StatsAccumulator(tok)
+    bad = 0
+    for label, record in read_records(file):
+        try:
+            acc.add(_to_trace(label, record))
+        except MementoFormatError:
+            bad += 1
+    result = acc.result()
+    result["malformed"] = bad
+    if plots is not None:
+        from memento.data.plots import draw_histograms
+
+        result["plots"] = [str(p) for p in draw_histograms(acc, plots)]
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    table = Table(title=f"{file} ({_tokenizer_label(tok)})")
+    table.add_column("statistic")
+    table.add_column("value", justify="right")
+    for name, value in stats_rows(result):
+        table.add_row(name, value)
+    console = Console()
+    console.print(table)
+    if bad:
+        console.print(f"{bad} malformed records skipped (memento validate names them)")
+    for path in result.get("plots", []):
+        console.print(f"plot: {path}")
+
+
 def main() -> None:
     """Entry point of the ``memento`` console script."""
     app(prog_name="memento")
