@@ -177,3 +177,39 @@ def test_sigkill_and_resume_gives_the_uninterrupted_output(tmp_path) -> None:
     # Only calls in flight at a kill can be made again (their answers never reached the cache).
     assert repeated <= kills * 4
     assert len(set(bodies)) == reference_calls
+
+
+def test_the_output_trains_with_memento_train_unchanged(tmp_path) -> None:
+    input_path = tmp_path / "in.jsonl"
+    write_input(input_path, 3)
+    with ScriptedLLM(responder=responder) as server:
+        built = CliRunner().invoke(app, build_args(input_path, tmp_path / "out", server.base_url))
+    assert built.exit_code == 0, built.output
+    data = tmp_path / "out/default.jsonl"
+    args = ["train", "--train", str(data), "--eval", str(data), "-o", str(tmp_path / "run"), "--tiny", "qwen3"]
+    args += ["--tiny-hidden", "32", "--tiny-layers", "1", "--max-steps", "2", "--batch-size", "2", "--eval-steps", "2"]
+    trained = CliRunner().invoke(app, args)
+    assert trained.exit_code == 0, trained.output
+    assert (tmp_path / "run/stage2/best/model.safetensors").exists()
+
+
+def test_faults_on_the_wire_do_not_change_the_output(tmp_path) -> None:
+    """429s, 500s, truncated and garbage bodies and timeouts are retried: the same data as a clean run."""
+    input_path = tmp_path / "in.jsonl"
+    write_input(input_path, 4)
+    pattern = ["ok", "500", "ok", "truncated", "429", "ok", "garbage", "ok", "503", "ok"]
+
+    def fault(i: int, body: dict) -> str:
+        return "timeout" if i in (5, 17) else pattern[i % len(pattern)]
+
+    with ScriptedLLM(responder=responder) as server:
+        clean = CliRunner().invoke(app, build_args(input_path, tmp_path / "clean", server.base_url))
+    with ScriptedLLM(responder=responder, faults=fault, hang_s=3) as server:
+        faulty = CliRunner().invoke(app, build_args(input_path, tmp_path / "faulty", server.base_url, timeout=1))
+        served = collections.Counter(server.faults_served)
+    assert clean.exit_code == 0 and faulty.exit_code == 0, faulty.output
+    assert served["truncated"] and served["timeout"] and served["429"]
+    for name in ("default.jsonl", "full.jsonl"):
+        assert (tmp_path / "faulty" / name).read_bytes() == (tmp_path / "clean" / name).read_bytes()
+    summary = json.loads((tmp_path / "faulty/summary.json").read_text())
+    assert summary["llm"]["retries"] >= sum(v for k, v in served.items() if k != "ok")
