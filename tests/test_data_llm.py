@@ -245,19 +245,17 @@ def test_connection_refused_is_retried_then_fails():
     assert stats.errors == {"connection": 3}
 
 
-def test_throughput_efficiency():
-    """200 calls of 0.2 s at concurrency 32: ideally 160 calls/s. Loose bound; the figure is printed."""
-    n, latency, limit = 200, 0.2, 32
-    with ScriptedLLM(latency=latency) as server:
-        cfg = config(server, max_concurrency=limit)
-        start = time.perf_counter()
-        results, stats = run_chats(cfg, [{"messages": [{"role": "user", "content": f"q{i}"}]} for i in range(n)])
-        elapsed = time.perf_counter() - start
-        assert server.peak_concurrency <= limit
+def test_the_client_uses_its_whole_concurrency_budget():
+    """With more calls than the limit, the limit is reached (and never passed). The rate itself is
+    measured by benchmarks/llm_concurrency.py, not here: timing belongs in benchmarks."""
+    n, limit = 64, 32
+    with ScriptedLLM(latency=0.2) as server:
+        results, stats = run_chats(
+            config(server, max_concurrency=limit),
+            [{"messages": [{"role": "user", "content": f"q{i}"}]} for i in range(n)],
+        )
+        assert server.peak_concurrency == limit
     assert not any(isinstance(r, Exception) for r in results) and stats.requests == n
-    rate, ideal = n / elapsed, limit / latency
-    print(f"\nthroughput: {rate:.1f} calls/s vs ideal {ideal:.0f} -> efficiency {rate / ideal:.2f} ({elapsed:.2f} s)")
-    assert rate / ideal >= 0.7
 
 
 def test_cache_key_is_canonical():
