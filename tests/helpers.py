@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import random
+
 import torch
 import torch.nn.functional as F
 
 from memento.format import SpecialTokenIds, render_response
 from memento.modeling import build_tiny_model
 from memento.synth import generate
-from memento.train.collate import IGNORE_INDEX
+from memento.train.collate import IGNORE_INDEX, chat_prompt
+
+CASE_CHARS = "abcdefghij0123456789+=: "
 
 
 def tiny_model(tokenizer, impl: str = "sdpa", seed: int = 0):
@@ -53,3 +57,29 @@ def completion_token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch
     shift_logits, shift_labels = logits[:-1], labels[1:]
     keep = shift_labels != IGNORE_INDEX
     return F.cross_entropy(shift_logits[keep].float(), shift_labels[keep], reduction="none")
+
+
+def memento_case(
+    tokenizer, rng: random.Random, block_len: tuple[int, int] = (1, 14), units: tuple[int, int] = (1, 4)
+) -> tuple[list[int], list[int]]:
+    """(prompt ids, continuation ids): a chat prompt and a memento-structured response.
+
+    The response has ``units`` complete units (blocks of ``block_len`` characters), sometimes a final block left open
+    (generation stopped mid-block) and sometimes ``</think>`` and an answer.
+    """
+
+    def text(lo: int, hi: int) -> str:
+        return "".join(rng.choice(CASE_CHARS) for _ in range(rng.randint(lo, hi)))
+
+    prompt = chat_prompt(tokenizer, text(3, 20))
+    response = "<think>\n"
+    for _ in range(rng.randint(*units)):
+        response += f"<|block_start|>{text(*block_len)}<|block_end|><|summary_start|>{text(1, 5)}<|summary_end|>\n"
+    ending = rng.random()
+    if ending < 0.3:
+        response += f"<|block_start|>{text(1, 8)}"
+    elif ending < 0.7:
+        response += f"</think>{text(1, 5)}"
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+    return prompt_ids, response_ids

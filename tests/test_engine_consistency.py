@@ -13,6 +13,7 @@ import random
 import pytest
 import torch
 
+from helpers import memento_case as random_case
 from helpers import tiny_model
 from memento.engine import EngineConfig, LLMEngine, SamplingParams
 from memento.format import SpecialTokenIds
@@ -22,7 +23,6 @@ from memento.tiny_tokenizer import build_tiny_tokenizer
 from memento.train.collate import assistant_prefix_ids, chat_prompt
 
 TOLERANCE = 1e-4
-CHARS = "abcdefghij0123456789+=: "
 
 
 @pytest.fixture(scope="module")
@@ -33,30 +33,6 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def model(tokenizer):
     return tiny_model(tokenizer)
-
-
-def random_case(tokenizer, rng: random.Random) -> tuple[list[int], list[int]]:
-    """(prompt ids, continuation ids): a chat prompt and a memento-structured response.
-
-    The response has 1-4 complete units of random lengths, sometimes a final block left open
-    (generation stopped mid-block) and sometimes ``</think>`` and an answer.
-    """
-
-    def text(lo: int, hi: int) -> str:
-        return "".join(rng.choice(CHARS) for _ in range(rng.randint(lo, hi)))
-
-    prompt = chat_prompt(tokenizer, text(3, 20))
-    response = "<think>\n"
-    for _ in range(rng.randint(1, 4)):
-        response += f"<|block_start|>{text(1, 14)}<|block_end|><|summary_start|>{text(1, 5)}<|summary_end|>\n"
-    ending = rng.random()
-    if ending < 0.3:
-        response += f"<|block_start|>{text(1, 8)}"
-    elif ending < 0.7:
-        response += f"</think>{text(1, 5)}"
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
-    return prompt_ids, response_ids
 
 
 def engine_logits(model, tokenizer, cases, config: EngineConfig) -> tuple[list[torch.Tensor], LLMEngine]:
