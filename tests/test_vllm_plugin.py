@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
+
 import pytest
 
+from memento.vllm.config import SCHEDULER_CLS, WORKER_CLS, MementoSettings, engine_args
 from memento.vllm.plugin import check_version
+from memento.vllm.serve import vllm_serve_argv
 
 
 def test_another_vllm_version_is_refused_with_what_to_do() -> None:
@@ -12,3 +17,53 @@ def test_another_vllm_version_is_refused_with_what_to_do() -> None:
     check_version("0.32.0+cpu")
     with pytest.raises(RuntimeError, match=r"written for vLLM 0\.32\.0.*pip install 'memento\[vllm\]'"):
         check_version("0.31.2")
+
+
+def test_settings_round_trip_through_additional_config() -> None:
+    settings = MementoSettings(keep_last_n=1, mask_delimiters=True, max_block_tokens=64, assistant_prefix=(3, 4))
+    raw = json.loads(json.dumps({"memento": settings.to_dict()}))  # as it travels on the command line
+    assert MementoSettings.from_dict(raw["memento"]) == settings
+    assert MementoSettings().to_dict() == {}  # defaults are the embedded engine's
+    assert MementoSettings().strict and not MementoSettings(keep_last_n=-1).strict
+    with pytest.raises(ValueError, match="max_block_tokens must be a positive integer"):
+        MementoSettings(max_block_tokens=0)
+    with pytest.raises(ValueError, match="keep_last_n must be -1"):
+        MementoSettings.from_dict({"keep_last_n": -2})
+
+
+def test_engine_args_switch_the_backend_on_and_keep_the_rest() -> None:
+    args = engine_args(MementoSettings(keep_last_n=0), model="m", additional_config={"other": 1}, dtype="float32")
+    assert args["scheduler_cls"] == SCHEDULER_CLS and args["worker_cls"] == WORKER_CLS
+    assert args["enable_prefix_caching"] is False and args["async_scheduling"] is False
+    assert args["additional_config"] == {"other": 1, "memento": {}}
+    assert args["model"] == "m" and args["dtype"] == "float32"
+
+
+def test_the_vllm_server_command_line() -> None:
+    argv = vllm_serve_argv(
+        "models/x",
+        MementoSettings(keep_last_n=1),
+        port=9000,
+        kv_budget_tokens=1000,
+        block_size=32,
+        extra=["--max-model-len", "4096"],
+    )
+    assert argv[1:5] == ["-m", "vllm.entrypoints.openai.api_server", "--model", "models/x"]
+    joined = " ".join(argv)
+    assert "--num-gpu-blocks-override 33" in joined  # ceil(1000 / 32) pages + vLLM's null page
+    assert f"--scheduler-cls {SCHEDULER_CLS}" in joined and f"--worker-cls {WORKER_CLS}" in joined
+    assert "--no-enable-prefix-caching" in argv and "--no-async-scheduling" in argv
+    config = json.loads(argv[argv.index("--additional-config") + 1])
+    assert config == {"memento": {"keep_last_n": 1}}
+    assert argv[-2:] == ["--max-model-len", "4096"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
+def test_serve_with_the_vllm_backend_says_how_to_get_vllm(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from memento.cli import app
+
+    result = CliRunner().invoke(app, ["serve", str(tmp_path), "--backend", "vllm"])
+    assert result.exit_code == 1
+    assert "pip install 'memento[vllm]'" in result.output

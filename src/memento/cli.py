@@ -935,20 +935,54 @@ def serve_command(
             help="CPU threads for the model; 0: all cores but one (the HTTP side needs one: BENCHMARKS.md).",
         ),
     ] = 0,
+    backend: Annotated[
+        str,
+        typer.Option(
+            "--backend",
+            help="engine: the embedded engine (this server); vllm: vLLM's own OpenAI server with memento eviction.",
+        ),
+    ] = "engine",
+    block_size: Annotated[
+        int, typer.Option("--block-size", min=1, help="vLLM backend: tokens per KV page (CPU: a multiple of 32).")
+    ] = 128,
+    vllm_args: Annotated[
+        list[str] | None,
+        typer.Option("--vllm-arg", help="vLLM backend: one more `vllm serve` flag (--vllm-arg=--max-model-len=4096)."),
+    ] = None,
 ) -> None:
     """Serve a model over the OpenAI API (completions, chat, streaming) with in-place KV eviction.
 
     /v1/completions, /v1/chat/completions, /v1/models, /health and /metrics (Prometheus). Chat
     answers carry the reasoning (blocks and mementos) in reasoning_content and the answer in content;
-    usage adds the request's peak KV and evicted tokens.
+    usage adds the request's peak KV and evicted tokens. With --backend vllm the same settings run
+    inside `vllm serve` (memento.vllm; pip install 'memento[vllm]'), whose routes and metrics are vLLM's.
     """
+    if not model.exists():
+        _fail(f"no such file or directory: {model}")
+    if backend not in ("engine", "vllm"):
+        _fail(f"--backend must be engine or vllm, not {backend!r}")
+    if backend == "vllm":
+        _serve_with_vllm(
+            model,
+            host=host,
+            port=port,
+            served_model_name=served_model_name,
+            kv_budget_tokens=kv_budget_tokens,
+            block_size=block_size,
+            max_num_seqs=max_num_seqs,
+            dtype=dtype,
+            keep_last_n=keep_last_n,
+            mask_delimiters=mask_delimiters,
+            restart=restart,
+            max_block_tokens=max_block_tokens,
+            extra=vllm_args or [],
+        )
+        return
     import uvicorn
 
     from memento.engine import EngineConfig
     from memento.serve.server import build_app
 
-    if not model.exists():
-        _fail(f"no such file or directory: {model}")
     try:
         config = EngineConfig(
             kv_budget_tokens=kv_budget_tokens,
@@ -978,6 +1012,23 @@ def serve_command(
         f"serving {model} on http://{host}:{port}/v1 (keep_last_n={keep_last_n}, {threads} torch threads)"
     )
     uvicorn.run(server_app, host=host, port=port, log_level="info", timeout_graceful_shutdown=int(shutdown_timeout))
+
+
+def _serve_with_vllm(model: Path, *, keep_last_n, mask_delimiters, restart, max_block_tokens, extra, **options) -> None:
+    """Replace this process with `vllm serve` running the memento backend (memento.vllm.serve)."""
+    from memento.vllm.config import MementoSettings
+    from memento.vllm.serve import check_vllm_available, exec_vllm_serve, vllm_serve_argv
+
+    try:
+        settings = MementoSettings(
+            keep_last_n=keep_last_n, mask_delimiters=mask_delimiters, restart=restart, max_block_tokens=max_block_tokens
+        )
+        check_vllm_available()
+    except (ValueError, RuntimeError) as exc:
+        _fail(str(exc), code=1)
+    argv = vllm_serve_argv(model, settings, extra=extra, **options)
+    Console(stderr=True).print("exec: " + " ".join(argv))
+    exec_vllm_serve(argv)
 
 
 data_app = typer.Typer(

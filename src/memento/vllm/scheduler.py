@@ -38,7 +38,7 @@ from memento.masking import MementoTracker
 from memento.vllm.config import SCHEDULER_CLS, WORKER_CLS, MementoSettings
 from memento.vllm.eviction import Compaction, RequestEvictions
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's logger: its handlers and level apply
 
 PLAN_ATTR = "memento_plan"
 """The attribute of ``SchedulerOutput`` that carries a :class:`StepPlan` to the workers."""

@@ -32,7 +32,7 @@ from memento.vllm.config import SCHEDULER_CLS
 from memento.vllm.eviction import Compaction
 from memento.vllm.kv_layout import TokenMover, probe_tile_layout
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's logger: its handlers and level apply
 
 PLAN_ATTR = "memento_plan"  # memento.vllm.scheduler.PLAN_ATTR (not imported: keeps this side light)
 
