@@ -71,6 +71,12 @@ class MementoStats:
     live_tokens_auc: int = 0
     used_blocks_peak: int = 0
     used_blocks_auc: int = 0
+    finished_requests: int = 0
+    request_peak_sum: int = 0  # sum over finished requests of each one's peak physical KV tokens
+
+    @property
+    def mean_request_peak(self) -> float:
+        return self.request_peak_sum / self.finished_requests if self.finished_requests else 0.0
 
 
 class _PhysicalRequest:
@@ -205,6 +211,7 @@ class MementoScheduler(Scheduler):
         self._rejected: dict[str, str] = {}  # request id -> why its prompt was refused
         self._to_report: list[Request] = []  # refused requests whose error output is still due
         self._preempted_now: set[str] = set()
+        self._request_peaks: dict[str, int] = {}
         self.memento_stats = MementoStats()
         logger.info("memento vLLM backend on: %s (%s)", self.memento, SCHEDULER_CLS)
 
@@ -254,6 +261,10 @@ class MementoScheduler(Scheduler):
 
     def _free_request(self, request: Request, delay_free_blocks: bool = False):
         self._states.pop(request.request_id, None)
+        peak = self._request_peaks.pop(request.request_id, None)
+        if peak is not None:
+            self.memento_stats.finished_requests += 1
+            self.memento_stats.request_peak_sum += peak
         return super()._free_request(request, delay_free_blocks)
 
     # -- the step ----------------------------------------------------------------------------
@@ -343,9 +354,13 @@ class MementoScheduler(Scheduler):
     def _record_step(self) -> None:
         stats = self.memento_stats
         live = 0
+        peaks = self._request_peaks
         for request in self.running:
             state = self._states.get(request.request_id)
-            live += request.num_computed_tokens - (state.shift if state is not None else 0)
+            tokens = request.num_computed_tokens - (state.shift if state is not None else 0)
+            live += tokens
+            if tokens > peaks.get(request.request_id, 0):
+                peaks[request.request_id] = tokens
         pool = self.kv_cache_manager.block_pool
         used = pool.num_gpu_blocks - 1 - pool.get_num_free_blocks()  # the null block is never free
         stats.steps += 1
