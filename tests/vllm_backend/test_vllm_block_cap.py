@@ -1,55 +1,24 @@
-"""The vLLM backend (issue 9), run in the vLLM environment (`make vllm-setup`; `make test-vllm`).
+"""The block-length cap (memento.vllm.logits) on stock vLLM: greedy equal to the embedded engine.
 
-Skipped where vLLM is not installed (the main environment). Start-up of an in-process vLLM engine
-takes a few seconds, so one engine serves the module.
+One in-process engine serves the module (the tests with eviction: test_vllm_consistency.py).
 """
 
 from __future__ import annotations
 
-import os
-
 import pytest
+import vllm
 
-vllm = pytest.importorskip("vllm")
-
-from memento.engine import EngineConfig, LLMEngine  # noqa: E402
-from memento.engine import SamplingParams as OurParams  # noqa: E402
-from memento.format import SpecialTokenIds  # noqa: E402
-from memento.tiny_tokenizer import build_tiny_tokenizer  # noqa: E402
-from memento.train.collate import chat_prompt  # noqa: E402
+from memento.engine import EngineConfig, LLMEngine
+from memento.engine import SamplingParams as OurParams
+from memento.format import SpecialTokenIds
+from memento.train.collate import chat_prompt
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return build_tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model(tok):
-    # head_dim 32: vLLM's CPU attention has kernels for 32, 64, ... (not the 8 of tests/helpers' model).
-    from memento.modeling import build_tiny_model
-
-    return build_tiny_model(
-        tok,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        intermediate_size=128,
-        seed=3,
-        tie_word_embeddings=False,
-    )
-
-
-@pytest.fixture(scope="module")
-def llm(model, tok, tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny")
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+def llm(model_dir):
+    """Stock vLLM (no memento classes): the cap is a plain logits processor, loaded by entry point."""
     return vllm.LLM(
-        model=str(path),
+        model=str(model_dir),
         dtype="float32",
         enforce_eager=True,
         max_model_len=512,

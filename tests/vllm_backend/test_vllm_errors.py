@@ -30,6 +30,23 @@ def ids_of(tok, text: str) -> list[int]:
     return tok(text, add_special_tokens=False)["input_ids"]
 
 
+def start(model_dir, memento: bool = True, **change):
+    """Start an in-process engine on the tiny model (memento classes on unless ``memento=False``)."""
+    kwargs = dict(
+        model=str(model_dir),
+        dtype="float32",
+        enforce_eager=True,
+        max_model_len=256,
+        distributed_executor_backend="uni",
+        block_size=32,
+        enable_prefix_caching=False,
+    )
+    if memento:
+        kwargs = engine_args(MementoSettings(), **kwargs)
+    kwargs.update(change)
+    return vllm.LLM(**kwargs)
+
+
 @pytest.mark.parametrize(
     "change,message",
     [
@@ -39,33 +56,14 @@ def ids_of(tok, text: str) -> list[int]:
     ids=["prefix-caching", "worker"],
 )
 def test_bad_engine_configuration_is_refused_at_start(model_dir, change, message):
-    kwargs = engine_args(
-        MementoSettings(),
-        model=str(model_dir),
-        dtype="float32",
-        enforce_eager=True,
-        max_model_len=256,
-        distributed_executor_backend="uni",
-        block_size=32,
-    )
-    kwargs.update(change)
     with pytest.raises(Exception, match="memento's vLLM backend cannot start") as info:
-        vllm.LLM(**kwargs)
+        start(model_dir, **change)
     assert message in str(info.value)
 
 
 def test_the_memento_worker_without_the_memento_scheduler_is_refused(model_dir):
     with pytest.raises(Exception, match=f"--scheduler-cls {SCHEDULER_CLS}"):
-        vllm.LLM(
-            model=str(model_dir),
-            dtype="float32",
-            enforce_eager=True,
-            max_model_len=256,
-            distributed_executor_backend="uni",
-            block_size=32,
-            worker_cls=WORKER_CLS,
-            enable_prefix_caching=False,
-        )
+        start(model_dir, memento=False, worker_cls=WORKER_CLS)
 
 
 def test_unknown_settings_are_refused():
@@ -100,18 +98,7 @@ def plain_tokenizer(path):
 def test_a_tokenizer_without_memento_tokens_is_refused(model_dir, tmp_path):
     plain_tokenizer(tmp_path)
     with pytest.raises(Exception, match="has no memento tokens") as info:
-        vllm.LLM(
-            **engine_args(
-                MementoSettings(),
-                model=str(model_dir),
-                tokenizer=str(tmp_path),
-                dtype="float32",
-                enforce_eager=True,
-                max_model_len=256,
-                distributed_executor_backend="uni",
-                block_size=32,
-            )
-        )
+        start(model_dir, tokenizer=str(tmp_path))
     assert "point --tokenizer at" in str(info.value)
 
 

@@ -87,6 +87,20 @@ class MementoSettings:
         return out
 
 
+def names_subclass(spec: Any, qualname: str) -> bool:
+    """Whether ``spec`` (a class or a dotted name, as vLLM takes class settings) is or subclasses ``qualname``."""
+    if spec == qualname:
+        return True
+    try:
+        from vllm.utils.import_utils import resolve_obj_by_qualname
+
+        cls = resolve_obj_by_qualname(spec) if isinstance(spec, str) else spec
+        base = resolve_obj_by_qualname(qualname)
+    except Exception:
+        return False
+    return isinstance(cls, type) and issubclass(cls, base)
+
+
 def engine_args(settings: MementoSettings | None = None, **vllm_kwargs: Any) -> dict[str, Any]:
     """Keyword arguments for ``vllm.LLM`` / ``EngineArgs`` that run the memento backend.
 

@@ -35,7 +35,7 @@ from vllm.v1.request import Request, RequestStatus
 
 from memento.format import MementoFormatError, SpecialTokenIds
 from memento.masking import MementoTracker
-from memento.vllm.config import SCHEDULER_CLS, WORKER_CLS, MementoSettings
+from memento.vllm.config import SCHEDULER_CLS, WORKER_CLS, MementoSettings, names_subclass
 from memento.vllm.eviction import Compaction, RequestEvictions
 
 logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's logger: its handlers and level apply
@@ -135,7 +135,7 @@ def check_engine_config(vllm_config: Any, kv_cache_config: Any) -> None:
     if parallel.pipeline_parallel_size > 1:
         problems.append("pipeline parallelism is not supported (pipeline_parallel_size=1)")
     worker = parallel.worker_cls
-    if worker != WORKER_CLS and not _is_memento_worker(worker):
+    if not names_subclass(worker, WORKER_CLS):
         problems.append(
             f"worker_cls is {worker!r}: the eviction needs the memento worker to move KV "
             f"(worker_cls={WORKER_CLS!r}, or --worker-cls {WORKER_CLS})"
@@ -149,19 +149,6 @@ def check_engine_config(vllm_config: Any, kv_cache_config: Any) -> None:
         )
     if problems:
         raise ValueError("memento's vLLM backend cannot start: " + "; ".join(problems))
-
-
-def _is_memento_worker(worker: Any) -> bool:
-    from memento.vllm.worker import MementoCPUWorker
-
-    if isinstance(worker, str):
-        try:
-            from vllm.utils.import_utils import resolve_obj_by_qualname
-
-            worker = resolve_obj_by_qualname(worker)
-        except Exception:
-            return False
-    return isinstance(worker, type) and issubclass(worker, MementoCPUWorker)
 
 
 def load_specials_and_prefix(vllm_config: Any, settings: MementoSettings) -> tuple[SpecialTokenIds, list[int] | None]:
@@ -224,7 +211,8 @@ class MementoScheduler(Scheduler):
         )
 
     def add_request(self, request: Request) -> None:
-        if self.memento.evicts and request.request_id not in self.requests:
+        # Vanilla mode tracks nothing unless asked to stop on broken structure.
+        if (self.memento.evicts or self.memento.strict) and request.request_id not in self.requests:
             state = self._new_state()
             try:
                 if request.prompt_token_ids is None:

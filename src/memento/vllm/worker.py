@@ -28,7 +28,7 @@ import torch
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 from vllm.v1.worker.cpu_worker import CPUWorker
 
-from memento.vllm.config import SCHEDULER_CLS
+from memento.vllm.config import SCHEDULER_CLS, names_subclass
 from memento.vllm.eviction import Compaction
 from memento.vllm.kv_layout import TokenMover, probe_tile_layout
 
@@ -152,23 +152,10 @@ class MementoCPUWorker(CPUWorker):
         if self.vllm_config.use_v2_model_runner:
             raise ValueError("memento's vLLM backend runs on vLLM's V1 model runner: set VLLM_USE_V2_MODEL_RUNNER=0")
         scheduler = self.vllm_config.scheduler_config.scheduler_cls
-        if scheduler != SCHEDULER_CLS and not _is_memento_scheduler(scheduler):
+        if not names_subclass(scheduler, SCHEDULER_CLS):
             raise ValueError(
                 f"memento's vLLM backend cannot start: scheduler_cls is {scheduler!r}; the memento worker needs "
                 f"the memento scheduler (scheduler_cls={SCHEDULER_CLS!r}, or --scheduler-cls {SCHEDULER_CLS})"
             )
         super().init_device()  # builds vLLM's CPU runner; replaced by ours (same arguments)
         self.model_runner = MementoCPUModelRunner(self.vllm_config, torch.device("cpu"))
-
-
-def _is_memento_scheduler(scheduler: Any) -> bool:
-    if isinstance(scheduler, str):
-        try:
-            from vllm.utils.import_utils import resolve_obj_by_qualname
-
-            scheduler = resolve_obj_by_qualname(scheduler)
-        except Exception:
-            return False
-    from memento.vllm.scheduler import MementoScheduler
-
-    return isinstance(scheduler, type) and issubclass(scheduler, MementoScheduler)
