@@ -176,3 +176,50 @@ def test_the_block_cap_with_eviction_equals_the_engine(make_llm, model, tok):
     free_runs = {r.request_id: r.outputs[0].token_ids for r in uncapped.run_to_completion()}
     assert any(free_runs[f] != done[c].token_ids for f, c in zip(free_ids, ids, strict=True)), "the cap never bit"
     assert json.loads(json.dumps(settings.to_dict())) == {"max_block_tokens": cap}
+
+
+@pytest.mark.parametrize(
+    "knobs",
+    [
+        dict(keep_last_n=0),
+        dict(keep_last_n=0, restart=True),
+        dict(keep_last_n=1, mask_delimiters=True),
+        dict(keep_last_n=0, keep_last_block_for_answer=True, stop_on_format_error=False),
+    ],
+    ids=["keep0", "restart", "keep1-delims", "lastblock-lenient"],
+)
+def test_a_mixed_workload_with_aborts_runs_clean(make_llm, tok, knobs):
+    """Sampling, n=2, stop strings, logprobs, seeds, a tiny pool and clients that go away mid-run:
+    every request ends, nothing crashes, and the KV pool is empty afterwards."""
+    llm = make_llm(MementoSettings(**knobs), num_gpu_blocks_override=13, max_model_len=320, max_num_seqs=16)
+    engine = llm.llm_engine
+    rng = random.Random(str(knobs))
+    ids = []
+    for i in range(40):
+        prompt, response = memento_case(tok, rng, block_len=(4, 50), units=(1, 4))
+        temperature = rng.choice([0.0, 0.7, 1.0])
+        params = vllm.SamplingParams(
+            temperature=temperature,
+            top_p=rng.choice([1.0, 0.9]),
+            max_tokens=rng.randint(1, 60),
+            n=1 if temperature == 0 else rng.choice([1, 2]),
+            seed=i,
+            logprobs=rng.choice([None, 2]),
+            stop=rng.choice([None, ["ab"]]),
+        )
+        ids_in = (prompt + response[: rng.randint(0, len(response))])[:250]
+        engine.add_request(f"r{i}", {"prompt_token_ids": ids_in}, params)
+        ids.append(f"r{i}")
+    finished, steps = set(), 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                finished.add(out.request_id)
+        steps += 1
+        if steps == 15:
+            engine.abort_request([r for r in ids[::5] if r not in finished])  # clients gone mid-flight
+    assert finished | set(ids[::5]) == set(ids)
+    stats = scheduler_of(llm).memento_stats
+    assert stats.evictions > 0 and stats.recomputes > 0
+    free, total = free_blocks(llm)
+    assert free == total

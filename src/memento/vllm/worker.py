@@ -37,6 +37,28 @@ logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's logger: its handl
 PLAN_ATTR = "memento_plan"  # memento.vllm.scheduler.PLAN_ATTR (not imported: keeps this side light)
 
 
+class RewindableCPUGenerator(torch.Generator):
+    """A CPU generator that supports the rewind vLLM applies to a discarded sample.
+
+    When a prefill chunk does not reach the end of the known tokens, vLLM samples anyway, discards
+    the token and rewinds the request's generator with ``set_offset(get_offset() - 4)``: Philox
+    offsets on a GPU; a CPU generator raises instead, which kills the engine. Chunks that end at
+    eviction points (prompts holding closed blocks, recomputes after a preemption) make that common
+    for seeded requests, so the runner swaps in this generator: it restores the state saved just
+    before sampling, exactly undoing the discarded draw as the GPU rewind does.
+    """
+
+    saved: torch.Tensor | None = None
+
+    def get_offset(self) -> int:
+        return 0
+
+    def set_offset(self, offset: int) -> None:
+        if self.saved is not None:
+            self.set_state(self.saved)
+            self.saved = None
+
+
 class MementoCPUModelRunner(CPUModelRunner):
     """vLLM's CPU model runner with physical KV compaction and logical positions."""
 
@@ -95,7 +117,26 @@ class MementoCPUModelRunner(CPUModelRunner):
             for request_id, compaction in plan.compactions.items():
                 self._compact(request_id, compaction)
             self.memento_compaction_seconds += time.perf_counter() - start
-        return super()._update_states(scheduler_output)
+        result = super()._update_states(scheduler_output)
+        self._rewindable_generators()
+        return result
+
+    def _rewindable_generators(self) -> None:
+        batch = self.input_batch
+        for index, generator in list(batch.generators.items()):
+            if type(generator) is torch.Generator and generator.device.type == "cpu":
+                swapped = RewindableCPUGenerator()
+                swapped.set_state(generator.get_state())
+                batch.generators[index] = swapped
+                self.requests[batch.req_ids[index]].generator = swapped
+
+    def _sample(self, logits: Any, spec_decode_metadata: Any):
+        num_reqs = self.input_batch.num_reqs
+        for index in np.nonzero(self.discard_request_mask.np[:num_reqs])[0]:
+            generator = self.input_batch.generators.get(int(index))
+            if isinstance(generator, RewindableCPUGenerator):
+                generator.saved = generator.get_state()
+        return super()._sample(logits, spec_decode_metadata)
 
     def _compact(self, request_id: str, compaction: Compaction) -> None:
         state = self.requests.get(request_id)
