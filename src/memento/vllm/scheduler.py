@@ -214,12 +214,13 @@ class MementoScheduler(Scheduler):
         # Vanilla mode tracks nothing unless asked to stop on broken structure.
         if (self.memento.evicts or self.memento.strict) and request.request_id not in self.requests:
             state = self._new_state()
-            try:
-                if request.prompt_token_ids is None:
-                    raise ValueError("prompt embeddings are not supported by the memento backend; send token ids")
-                state.feed(request.prompt_token_ids)
-            except (MementoFormatError, ValueError) as err:
-                self._rejected[request.request_id] = f"the prompt's memento structure is malformed: {err}"
+            if request.prompt_token_ids is None:
+                self._rejected[request.request_id] = "the memento backend needs token ids, not prompt embeddings"
+            else:
+                try:
+                    state.feed(request.prompt_token_ids)
+                except MementoFormatError as err:
+                    self._rejected[request.request_id] = f"the prompt's memento structure is malformed: {err}"
             self._states[request.request_id] = state
         super().add_request(request)
 

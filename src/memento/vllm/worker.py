@@ -145,16 +145,12 @@ class MementoCPUModelRunner(CPUModelRunner):
         assert self._mover is not None and self._block_size is not None
         bs = self._block_size
         pages = state.block_ids[0]
-        src: list[int] = []
-        dst: list[int] = []
-        for start, to, length in compaction.moves:
-            for i in range(length):
-                s, d = start + i, to + i
-                src.append(pages[s // bs] * bs + s % bs)
-                dst.append(pages[d // bs] * bs + d % bs)
-        if src:
-            caches = list({t.data_ptr(): t for t in self.kv_caches}.values())
-            self._mover.move(caches, src, dst)
+        if compaction.moves:
+            table = np.asarray(pages, dtype=np.int64)
+            src = np.concatenate([np.arange(start, start + n) for start, _, n in compaction.moves])
+            dst = np.concatenate([np.arange(to, to + n) for _, to, n in compaction.moves])
+            caches = list({t.data_ptr(): t for t in self.kv_caches}.values())  # layers may share a cache
+            self._mover.move(caches, _slots(table, src, bs), _slots(table, dst, bs))
             self.memento_moved_tokens += len(src)
         keep = -(-compaction.num_tokens // bs)
         if len(pages) > keep:
@@ -184,6 +180,11 @@ class MementoCPUModelRunner(CPUModelRunner):
         physical = self.positions[:total] - token_shift.to(self.positions.dtype)
         self.seq_lens[:num_reqs] -= torch.from_numpy(shifts).to(self.seq_lens.dtype)
         self.input_batch.block_table.compute_slot_mapping(num_reqs, self.query_start_loc.gpu[: num_reqs + 1], physical)
+
+
+def _slots(pages: np.ndarray, indices: np.ndarray, block_size: int) -> list[int]:
+    """Cache slots of a request's physical token indices, through its page list."""
+    return (pages[indices // block_size] * block_size + indices % block_size).tolist()
 
 
 class MementoCPUWorker(CPUWorker):
