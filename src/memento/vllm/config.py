@@ -17,6 +17,8 @@ from memento.masking import MaskConfig
 SCHEDULER_CLS = "memento.vllm.scheduler.MementoScheduler"
 WORKER_CLS = "memento.vllm.worker.MementoCPUWorker"
 CONFIG_KEY = "memento"
+PLAN_ATTR = "memento_plan"
+"""The ``SchedulerOutput`` attribute on which the scheduler hands each step's plan to the workers."""
 
 
 @dataclass(frozen=True)
@@ -37,11 +39,8 @@ class MementoSettings:
 
     def __post_init__(self) -> None:
         self.mask_config()  # validates the mask knobs with masking.py's messages
-        if self.max_block_tokens is not None and (
-            isinstance(self.max_block_tokens, bool) or not isinstance(self.max_block_tokens, int)
-        ):
-            raise ValueError(f"max_block_tokens must be a positive integer, got {self.max_block_tokens!r}")
-        if self.max_block_tokens is not None and self.max_block_tokens < 1:
+        cap = self.max_block_tokens
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
             raise ValueError(f"max_block_tokens must be a positive integer, got {self.max_block_tokens!r}")
 
     def mask_config(self) -> MaskConfig:

@@ -65,7 +65,6 @@ class Applied:
     compaction: Compaction
     rewind_to: int | None = None
     """Set ``num_computed_tokens`` to this (restart: recompute the memento without its block)."""
-    evicted_tokens: int = 0
 
 
 class RequestEvictions:
@@ -167,7 +166,6 @@ class RequestEvictions:
             return None
         compaction: Compaction | None = None
         rewind_to: int | None = None
-        evicted = 0
         while self.pending and self.pending[0].at <= num_computed:
             event = self.pending.popleft()
             if event.at != num_computed or rewind_to is not None:
@@ -176,9 +174,8 @@ class RequestEvictions:
                 )
             step, rewind_to = self._apply(event, num_computed)
             compaction = step if compaction is None else compaction.then(step)
-            evicted += len(event.evicted)
         assert compaction is not None
-        return Applied(compaction, rewind_to, evicted)
+        return Applied(compaction, rewind_to)
 
     def _span(self, event: EvictionEvent) -> range:
         """The logical span that loses its KV for good (restart: the block; its memento is recomputed)."""

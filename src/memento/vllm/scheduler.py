@@ -35,13 +35,10 @@ from vllm.v1.request import Request, RequestStatus
 
 from memento.format import MementoFormatError, SpecialTokenIds
 from memento.masking import MementoTracker
-from memento.vllm.config import SCHEDULER_CLS, WORKER_CLS, MementoSettings, names_subclass
+from memento.vllm.config import PLAN_ATTR, SCHEDULER_CLS, WORKER_CLS, MementoSettings, names_subclass
 from memento.vllm.eviction import Compaction, RequestEvictions
 
 logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's logger: its handlers and level apply
-
-PLAN_ATTR = "memento_plan"
-"""The attribute of ``SchedulerOutput`` that carries a :class:`StepPlan` to the workers."""
 
 FORMAT_ERROR = "memento_format_error"
 """``stop_reason`` of a request stopped because its memento structure broke."""

@@ -28,13 +28,11 @@ import torch
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 from vllm.v1.worker.cpu_worker import CPUWorker
 
-from memento.vllm.config import SCHEDULER_CLS, names_subclass
+from memento.vllm.config import PLAN_ATTR, SCHEDULER_CLS, names_subclass
 from memento.vllm.eviction import Compaction
 from memento.vllm.kv_layout import TokenMover, probe_tile_layout
 
 logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's logger: its handlers and level apply
-
-PLAN_ATTR = "memento_plan"  # memento.vllm.scheduler.PLAN_ATTR (not imported: keeps this side light)
 
 
 class RewindableCPUGenerator(torch.Generator):
