@@ -36,9 +36,11 @@ def make_trace(rng: np.random.Generator, n: int, mix: list[float]) -> tuple[list
     return tokens.tolist(), ((first + second) / 2).tolist()
 
 
-def _run(job: tuple[list[int], list[float], float, int]) -> int:
-    tokens, scores, lam, min_blocks = job
-    return len(segment(tokens, scores, lam=lam, min_block_tokens=200, min_blocks=min_blocks).blocks)
+def _run(job: tuple[list[int], list[float], float, int, int | None]) -> int:
+    tokens, scores, lam, min_blocks, max_blocks = job
+    return len(
+        segment(tokens, scores, lam=lam, min_block_tokens=200, min_blocks=min_blocks, max_blocks=max_blocks).blocks
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sentences", type=int, default=190)
     parser.add_argument("--lam", type=float, default=0.5)
     parser.add_argument("--min-blocks", type=int, default=1, help="e.g. 10: the release's 10-20 blocks per trace")
+    parser.add_argument("--max-blocks", type=int, default=None, help="e.g. 20 (with --min-blocks 10)")
     parser.add_argument("--workers", type=int, default=multiprocessing.cpu_count())
     parser.add_argument("--json")
     args = parser.parse_args(argv)
@@ -55,14 +58,20 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"{platform.machine()}, {args.workers} workers",
         "lam": args.lam,
         "min_blocks": args.min_blocks,
+        "max_blocks": args.max_blocks,
         "mixes": {},
     }
     with multiprocessing.Pool(args.workers) as pool:
         pool.map(
-            _run, [(*make_trace(rng, args.sentences, MIXES["uniform"]), args.lam, args.min_blocks)] * args.workers
+            _run,
+            [(*make_trace(rng, args.sentences, MIXES["uniform"]), args.lam, args.min_blocks, args.max_blocks)]
+            * args.workers,
         )  # warm-up
         for name, mix in MIXES.items():
-            jobs = [(*make_trace(rng, args.sentences, mix), args.lam, args.min_blocks) for _ in range(args.traces)]
+            jobs = [
+                (*make_trace(rng, args.sentences, mix), args.lam, args.min_blocks, args.max_blocks)
+                for _ in range(args.traces)
+            ]
             start = time.perf_counter()
             blocks = pool.map(_run, jobs, chunksize=16)
             seconds = time.perf_counter() - start

@@ -160,6 +160,20 @@ def segment(
             key=lambda seg: seg.objective,
             default=best,
         )
+        best = _hill_climb(best, token_counts, units, prefix, lam, min_block_tokens, score_norm, resolution)
+    bound_inputs = _BoundInputs(
+        remaining=total - prefix,
+        sentences_left=n - ends,
+        total=total,
+        best_sums=best_sums,
+        reach=np.asarray(reach),
+        k_least=k_least,
+        k_limit=k_limit,
+        lam=lam,
+        min_block_tokens=min_block_tokens,
+        score_norm=score_norm,
+        resolution=resolution,
+    )
     for k in range(2, k_limit + 1):
         if prune and reach[k] < best.objective - 1e-12:
             break
@@ -191,17 +205,72 @@ def segment(
         levels.append((np.where(np.isfinite(dp), starts[choice], -1).astype(np.int32), lo))
         finals = dp[n]
         reachable = np.flatnonzero(np.isfinite(finals))
-        if reachable.size == 0 or k < k_least:
-            continue
-        scores = (reachable + lo) * resolution
-        score_term = scores / ((k - 1) if score_norm == "cuts" else k)
-        cv = np.sqrt(np.maximum(k * finals[reachable] / total**2 - 1.0, 0.0))
-        values = score_term - lam * cv
-        i = int(np.argmax(values))
-        if values[i] > best.objective + 1e-12:
-            blocks = _backtrack(levels, n, k, int(reachable[i]) + lo, units)
-            best = Segmentation(blocks, float(values[i]), float(score_term[i]), float(cv[i]))
+        if reachable.size and k >= k_least:
+            scores = (reachable + lo) * resolution
+            score_term = scores / ((k - 1) if score_norm == "cuts" else k)
+            cv = np.sqrt(np.maximum(k * finals[reachable] / total**2 - 1.0, 0.0))
+            values = score_term - lam * cv
+            i = int(np.argmax(values))
+            if values[i] > best.objective + 1e-12:
+                blocks = _backtrack(levels, n, k, int(reachable[i]) + lo, units)
+                best = Segmentation(blocks, float(values[i]), float(score_term[i]), float(cv[i]))
+        if prune and math.isfinite(best.objective):
+            dp, lo = _drop_hopeless(dp, lo, k, best.objective, bound_inputs)
     return best
+
+
+@dataclass(frozen=True)
+class _BoundInputs:
+    """What the size bound needs about a trace (fixed for the whole search)."""
+
+    remaining: np.ndarray  # tokens after each end c: T - prefix[c]
+    sentences_left: np.ndarray  # n - c
+    total: float
+    best_sums: np.ndarray  # best_sums[m]: the m best gap scores together
+    reach: np.ndarray  # reach[K]: the best score term any K' >= K could have
+    k_least: int
+    k_limit: int
+    lam: float
+    min_block_tokens: int
+    score_norm: str
+    resolution: float
+
+
+def _drop_hopeless(dp: np.ndarray, lo: int, k: int, best: float, b: _BoundInputs) -> tuple[np.ndarray, int]:
+    """Forget partial solutions (k blocks ending at c, cut score S, least Q) that cannot beat ``best``.
+
+    Finished with K' > k blocks, such a state adds m = K' - k blocks over the R = T - prefix[c]
+    tokens left, so Q grows by at least R**2 / m (equal blocks), and S by at most the m best gap
+    scores. Its objective is then at most  (S + top_m) / den - lam * sqrt(K' (Q + R**2 / m) / T**2 - 1),
+    which is below ``best`` unless  Q <= (slack**2 + 1) T**2 / K' - R**2 / m  for some K', with
+    slack = ((S + top_m) / den - best) / lam >= 0. This is the bound that makes a forced block count
+    (the release's 10-20 blocks) fast: uneven partial solutions die early. Returns the trimmed
+    ``dp`` window and its new ``lo``.
+    """
+    finals = np.arange(k + 1, b.k_limit + 1)
+    finals = finals[(finals >= b.k_least) & (b.reach[finals] >= best - 1e-12)]
+    if finals.size == 0:
+        return np.full((dp.shape[0], 1), np.inf), lo
+    m = finals - k
+    den = (finals - 1) if b.score_norm == "cuts" else finals
+    s_values = (np.arange(dp.shape[1]) + lo) * b.resolution
+    score = (s_values[None, :] + b.best_sums[m][:, None]) / den[:, None]  # (K', S)
+    room = np.maximum(b.min_block_tokens, 1e-12) * m[:, None]
+    fits = (b.remaining[None, :] >= room) & (b.sentences_left[None, :] >= m[:, None])  # (K', c)
+    if b.lam == 0:
+        hopeful = (fits[:, :, None] & (score[:, None, :] >= best - 1e-12)).any(axis=0)
+        dp = np.where(hopeful, dp, np.inf)
+    else:
+        slack = (score - best) / b.lam
+        q_room = np.where(slack >= -1e-12, (np.maximum(slack, 0.0) ** 2 + 1) * b.total**2 / finals[:, None], -np.inf)
+        q_rest = np.where(fits, b.remaining[None, :] ** 2 / m[:, None], np.inf)
+        limit = (q_room[:, None, :] - q_rest[:, :, None]).max(axis=0)  # (c, S): the largest Q that may still win
+        margin = 1e-6 + 1e-9 * np.abs(np.where(np.isfinite(limit), limit, 0.0))  # rounding in the bound
+        dp = np.where(dp <= limit + margin, dp, np.inf)
+    columns = np.flatnonzero(np.isfinite(dp).any(axis=0))
+    if columns.size == 0:
+        return np.full((dp.shape[0], 1), np.inf), lo
+    return dp[:, columns[0] : columns[-1] + 1], lo + int(columns[0])
 
 
 def _evenly_cut(token_counts, units, prefix, k, window, lam, min_block_tokens, score_norm, resolution) -> Segmentation:
@@ -225,6 +294,46 @@ def _evenly_cut(token_counts, units, prefix, k, window, lam, min_block_tokens, s
         token_counts, [u * resolution for u in units[1:n]], [c - 1 for c in cuts], lam=lam, score_norm=score_norm
     )
     return Segmentation(tuple((a, b - 1) for a, b in itertools.pairwise(bounds)), value, score, cv)
+
+
+def _hill_climb(start, token_counts, units, prefix, lam, min_block_tokens, score_norm, resolution) -> Segmentation:
+    """Move one cut at a time to its best place between its neighbours until no move helps.
+
+    Only a better feasible solution to prune with: the search stays exact whatever this returns,
+    but the closer it starts to the optimum, the more partial solutions the bounds discard.
+    """
+    if not math.isfinite(start.objective) or len(start.blocks) < 2:
+        return start
+    n = len(token_counts)
+    total = prefix[-1]
+    bounds = [0, *(last + 1 for _, last in start.blocks[:-1]), n]  # bounds[j]: first sentence of block j
+    k = len(bounds) - 1
+    den = (k - 1) if score_norm == "cuts" else k
+    floor = max(min_block_tokens, 1e-12)
+    s_units = int(sum(units[c] for c in bounds[1:-1]))
+    q = float((np.diff(prefix[bounds]) ** 2).sum())
+    current = s_units * resolution / den - lam * math.sqrt(max(k * q / total**2 - 1.0, 0.0))
+    improved = True
+    while improved:
+        improved = False
+        for j in range(1, k):
+            left, cut, right = bounds[j - 1], bounds[j], bounds[j + 1]
+            places = np.arange(left + 1, right)
+            a, b = prefix[places] - prefix[left], prefix[right] - prefix[places]
+            q_new = q - (prefix[cut] - prefix[left]) ** 2 - (prefix[right] - prefix[cut]) ** 2 + a**2 + b**2
+            s_new = s_units - units[cut] + units[places]
+            values = s_new * resolution / den - lam * np.sqrt(np.maximum(k * q_new / total**2 - 1.0, 0.0))
+            values = np.where((a >= floor) & (b >= floor), values, -np.inf)
+            i = int(np.argmax(values))
+            if values[i] > current + 1e-12:
+                bounds[j], q, s_units, current = int(places[i]), float(q_new[i]), int(s_new[i]), float(values[i])
+                improved = True
+    cuts = [c - 1 for c in bounds[1:-1]]
+    value, score, cv = objective(
+        token_counts, [u * resolution for u in units[1:n]], cuts, lam=lam, score_norm=score_norm
+    )
+    blocks = tuple((a, b - 1) for a, b in itertools.pairwise(bounds))
+    return Segmentation(blocks, value, score, cv) if value > start.objective else start
 
 
 def _backtrack(levels: list[tuple[np.ndarray, int]], n: int, k: int, s_units: int, units: np.ndarray) -> tuple:
