@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from memento.demo import DEMO_KNOBS
 from memento.engine import EngineConfig, LLMEngine, SamplingParams
 from memento.synth import generate
 from memento.train.collate import chat_prompt
@@ -99,6 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True, help="a trained memento model directory")
     parser.add_argument("--task", default="stream_sum")
+    parser.add_argument(
+        "--demo-task",
+        action="store_true",
+        help="the demo's longer traces (memento.demo.DEMO_KNOBS): use it with the demo's models",
+    )
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=768)
     parser.add_argument("--kv-budget", type=int, default=4096, help="KV pool size in tokens, the same for both")
@@ -110,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
 
     model, tokenizer = load(args.model)
-    problems = generate(args.task, "test", args.requests, seed=1)
+    knobs = dict(DEMO_KNOBS) if args.demo_task else {}
+    problems = generate(args.task, "test", args.requests, seed=1, **knobs)
     prompts = [chat_prompt(tokenizer, p.prompt) for p in problems]
 
     # Warm up once (allocator, first-call overheads) before any timing.
@@ -148,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}",
         "model": str(args.model),
         "parameters": sum(p.numel() for p in model.parameters()),
+        "task": args.task,
+        "knobs": knobs,
         "requests": args.requests,
         "kv_budget_tokens": args.kv_budget,
         **compare(memento, vanilla),

@@ -50,6 +50,11 @@ class DemoConfig:
     """Steps of each branch: the memento model under the mask, the control with full attention."""
     batch_size: int = 4
     learning_rate: float = 3e-3
+    """Stage 1's peak learning rate (cosine, 5% warm-up)."""
+    branch_learning_rate: float = 6e-3
+    """Both branches' peak learning rate (the memento model's stage 2 and the control's continuation).
+    At 3e-3 the memento model's last digit errors outlived the 600 steps (validation loss 0.0020, 49%
+    accuracy); at 6e-3 it reaches 0.00013 by step 600 (100%) from the same stage-1 model."""
     eval_every: int = 200
     hidden_size: int = 128
     num_layers: int = 4
@@ -123,9 +128,9 @@ def train_models(config: DemoConfig, out: Path, log: Callable[[str], None] = pri
     data_dir = out / "data"
     _prepare_data(config, data_dir, log)
 
-    def settings(steps: int) -> SFTSettings:
+    def settings(steps: int, learning_rate: float) -> SFTSettings:
         return SFTSettings(
-            learning_rate=config.learning_rate,
+            learning_rate=learning_rate,
             max_steps=steps,
             batch_size=config.batch_size,
             eval_steps=config.eval_every,
@@ -147,8 +152,8 @@ def train_models(config: DemoConfig, out: Path, log: Callable[[str], None] = pri
             "intermediate_size": config.intermediate_size,
             "seed": config.seed,
         },
-        stage1=settings(config.stage1_steps),
-        stage2=settings(config.stage2_steps),
+        stage1=settings(config.stage1_steps, config.learning_rate),
+        stage2=settings(config.stage2_steps, config.branch_learning_rate),
     )
     start = time.perf_counter()
     best = run_training(memento_plan, log=log)
@@ -162,7 +167,7 @@ def train_models(config: DemoConfig, out: Path, log: Callable[[str], None] = pri
         stage="1",
         response_field="response",
         model_path=best["stage1"],
-        stage1=settings(config.stage2_steps),
+        stage1=settings(config.stage2_steps, config.branch_learning_rate),
     )
     best["control"] = run_training(control_plan, log=log)["stage1"]
     seconds = time.perf_counter() - start
