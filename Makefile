@@ -19,6 +19,7 @@ $(STAMP): pyproject.toml
 lint: $(STAMP)
 	$(PYTHON) -m ruff check src tests benchmarks
 	$(PYTHON) -m ruff format --check src tests benchmarks
+	$(VENV)/bin/lint-imports
 
 # The whole suite: lint, the main environment's tests, then the vLLM backend's in its own environment.
 test: test-main test-vllm

@@ -29,10 +29,10 @@ from pathlib import Path
 import httpx
 import torch
 
+from memento.chat import chat_prompt
 from memento.demo import DEMO_KNOBS
 from memento.engine import EngineConfig, LLMEngine, SamplingParams
 from memento.synth import generate
-from memento.train.collate import chat_prompt
 
 
 def percentile(values: list[float], q: float) -> float:

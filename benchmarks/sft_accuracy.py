@@ -25,6 +25,7 @@ import statistics
 import time
 from pathlib import Path
 
+from memento.chat import assistant_prefix_ids, chat_prompt
 from memento.engine import EngineConfig, LLMEngine, SamplingParams
 from memento.format import SpecialTokenIds
 from memento.masking import VANILLA, MaskConfig
@@ -32,7 +33,6 @@ from memento.modeling import build_tiny_model, count_parameters
 from memento.reference import Generation, reference_generate
 from memento.synth import DEFAULT_TASK, generate, write_split
 from memento.tiny_tokenizer import build_tiny_tokenizer
-from memento.train.collate import assistant_prefix_ids, chat_prompt
 from memento.train.pipeline import TrainPlan, run_training
 from memento.train.sft import SFTSettings, read_log
 

@@ -29,12 +29,13 @@ from collections.abc import Callable
 
 import torch
 
+from memento.chat import assistant_prefix_ids
 from memento.format import SpecialTokenIds
 from memento.masking import MaskConfig, build_batch, make_block_mask
 from memento.modeling import build_tiny_model
 from memento.synth import DEFAULT_TASK, generate
 from memento.tiny_tokenizer import build_tiny_tokenizer
-from memento.train.collate import MementoCollator, assistant_prefix_ids, tokenize_example
+from memento.train.collate import MementoCollator, tokenize_example
 
 warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
 

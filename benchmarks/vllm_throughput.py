@@ -159,8 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from transformers import AutoTokenizer
 
+    from memento.chat import chat_prompt
     from memento.synth import generate
-    from memento.train.collate import chat_prompt
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     prompts = [chat_prompt(tokenizer, p.prompt) for p in generate(args.task, "test", args.requests, seed=1)]

@@ -7,10 +7,11 @@ import random
 import torch
 import torch.nn.functional as F
 
+from memento.chat import chat_prompt
 from memento.format import SpecialTokenIds, render_response
 from memento.modeling import build_tiny_model
 from memento.synth import generate
-from memento.train.collate import IGNORE_INDEX, chat_prompt
+from memento.train.collate import IGNORE_INDEX
 
 CASE_CHARS = "abcdefghij0123456789+=: "
 

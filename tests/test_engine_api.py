@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from helpers import records, tiny_model
+from memento.chat import assistant_prefix_ids, chat_prompt
 from memento.engine import LLM, EngineConfig, KVGeometry, LLMEngine, SamplingParams
 from memento.engine import engine as engine_module
 from memento.engine.sampling import SampledToken, _truncate, sample_tokens
@@ -22,7 +23,6 @@ from memento.masking import MaskConfig
 from memento.modeling import build_tiny_model
 from memento.reference import reference_generate
 from memento.tiny_tokenizer import build_tiny_tokenizer
-from memento.train.collate import assistant_prefix_ids, chat_prompt
 
 PARTIAL = (
     "<think>\n<|block_start|>1+2=3 3+4=7<|block_end|><|summary_start|>s=7<|summary_end|>\n"

@@ -8,10 +8,10 @@ import pytest
 from typer.testing import CliRunner
 
 from helpers import tiny_model
+from memento.chat import chat_prompt
 from memento.cli import app
 from memento.engine import LLM, SamplingParams
 from memento.tiny_tokenizer import build_tiny_tokenizer
-from memento.train.collate import chat_prompt
 
 runner = CliRunner()
 

@@ -15,12 +15,12 @@ import torch
 
 from helpers import memento_case as random_case
 from helpers import tiny_model
+from memento.chat import assistant_prefix_ids, chat_prompt
 from memento.engine import EngineConfig, LLMEngine, SamplingParams
 from memento.format import SpecialTokenIds
 from memento.masking import MaskConfig, compute_visibility
 from memento.reference import forward_logits, reference_generate, teacher_forced_logits
 from memento.tiny_tokenizer import build_tiny_tokenizer
-from memento.train.collate import assistant_prefix_ids, chat_prompt
 
 TOLERANCE = 1e-4
 

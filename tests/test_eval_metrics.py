@@ -7,6 +7,7 @@ import json
 import pytest
 
 from helpers import records, tiny_model
+from memento.chat import assistant_prefix_ids, chat_prompt
 from memento.engine import EngineConfig, LLMEngine, SamplingParams
 from memento.eval.kvsim import PRESETS, KVSpec, replay_live_kv, resolve_spec, scale_curves
 from memento.eval.metrics import accuracy_summary, kv_summary, maj_at_k, majority_correct, pass_at_k
@@ -15,7 +16,6 @@ from memento.eval.tasks import load_task_set
 from memento.format import SpecialTokenIds
 from memento.masking import MaskConfig
 from memento.tiny_tokenizer import build_tiny_tokenizer
-from memento.train.collate import assistant_prefix_ids, chat_prompt
 
 # -- pass@k ------------------------------------------------------------------------------------
 

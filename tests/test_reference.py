@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from helpers import hand_mask, tiny_model
+from memento.chat import assistant_prefix_ids, chat_prompt
 from memento.format import SpecialTokenIds
 from memento.masking import MEMENTO, VANILLA, MaskConfig
 from memento.reference import reference_generate, teacher_forced_logits
 from memento.tiny_tokenizer import build_tiny_tokenizer
-from memento.train.collate import assistant_prefix_ids, chat_prompt
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
+from memento.chat import assistant_prefix_ids
 from memento.format import MEMENTO_TOKENS, THINK_TOKENS, SpecialTokenIds
 from memento.tiny_tokenizer import ASSISTANT_PREFIX, build_tiny_tokenizer
-from memento.train.collate import assistant_prefix_ids
 
 TEXT = "<think>\n<|block_start|>3+4=7<|block_end|><|summary_start|>s=7<|summary_end|>\n</think>\n7<|im_end|>"
 

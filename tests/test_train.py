@@ -8,16 +8,12 @@ import pytest
 import torch
 
 from helpers import completion_token_losses, hand_mask, records, tiny_model
+from memento.chat import assistant_prefix_ids
 from memento.format import MementoFormatError, SpecialTokenIds
 from memento.masking import MaskConfig
+from memento.modeling import check_attention_implementation
 from memento.tiny_tokenizer import build_tiny_tokenizer
-from memento.train.collate import (
-    IGNORE_INDEX,
-    MementoCollator,
-    assistant_prefix_ids,
-    attention_implementation,
-    tokenize_example,
-)
+from memento.train.collate import IGNORE_INDEX, MementoCollator, tokenize_example
 from memento.train.sft import SFTSettings, make_collator, prepare_examples, read_log, train_stage
 
 
@@ -100,7 +96,7 @@ def test_a_model_that_cannot_take_a_4d_mask_is_refused(tokenizer) -> None:
     model = tiny_model(tokenizer)
     model.config._attn_implementation = "flash_attention_2"
     with pytest.raises(ValueError, match="cannot apply the memento mask"):
-        attention_implementation(model)
+        check_attention_implementation(model)
     with pytest.raises(ValueError, match="cannot apply the memento mask"):
         make_collator(model, tokenizer, stage=2, settings=SFTSettings())
 

@@ -702,8 +702,8 @@ def generate_command(
     """
     import time
 
+    from memento.chat import chat_prompt
     from memento.engine import LLM, SamplingParams
-    from memento.train.collate import chat_prompt
 
     texts = list(prompt or [])
     if prompts_file is not None:

@@ -356,12 +356,6 @@ class SpecialTokenIds:
         }
         return {kind: tid for kind, tid in pairs.items() if tid is not None}
 
-    def kind_of(self, token_id: int) -> Kind:
-        for kind, tid in self.by_kind().items():
-            if tid == token_id:
-                return kind
-        return Kind.PLAIN
-
     @classmethod
     def from_tokenizer(cls, tokenizer: Any) -> SpecialTokenIds:
         """Look the tokens up in an HF tokenizer; a missing memento token is an error."""

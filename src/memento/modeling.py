@@ -45,6 +45,7 @@ from memento.format import (
     SUMMARY_START,
     THINK_TOKENS,
 )
+from memento.masking import MaskBatch
 
 RELATED_WORDS: dict[str, tuple[str, ...]] = {
     BLOCK_START: ("block", "start", "begin", "section", "step"),
@@ -548,6 +549,15 @@ def check_attention_implementation(model: Any) -> str:
     else:
         problem = f"attn_implementation={impl!r} is not one we support for the memento 4D attention mask"
     raise ValueError(f"{problem}. Supported: {', '.join(SUPPORTED_ATTENTION)}. {_FIX}")
+
+
+def attention_inputs(batch: MaskBatch, impl: str, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """``input_ids``, ``attention_mask`` (4D, in the form ``impl`` needs: see
+    :data:`SUPPORTED_ATTENTION`) and logical ``position_ids`` of a batch from :mod:`memento.masking`."""
+    if impl not in SUPPORTED_ATTENTION:
+        raise ValueError(f"unsupported attention implementation {impl!r}; supported: {', '.join(SUPPORTED_ATTENTION)}")
+    mask = batch.dense() if impl == "sdpa" else batch.additive(dtype)
+    return {"input_ids": batch.input_ids, "attention_mask": mask, "position_ids": batch.position_ids}
 
 
 def _warn_sliding_window(config: Any) -> None:

@@ -21,7 +21,7 @@ import torch
 
 from memento.format import MementoFormatError, SpecialTokenIds
 from memento.masking import MEMENTO, MaskConfig, Visibility, collate_visibility, compute_visibility
-from memento.train.collate import attention_implementation, attention_inputs
+from memento.modeling import attention_inputs, check_attention_implementation
 
 
 @dataclass
@@ -50,7 +50,7 @@ def forward_logits(
     pad_token_id: int = 0,
 ) -> list[torch.Tensor]:
     """Logits (T, vocab) of each sequence's original tokens, from one masked forward pass."""
-    impl = attention_implementation(model)
+    impl = check_attention_implementation(model)
     batch = collate_visibility(items, padding_side="right", pad_token_id=pad_token_id)
     dtype = next(model.parameters()).dtype
     device = next(model.parameters()).device

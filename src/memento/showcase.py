@@ -1,4 +1,4 @@
-"""What ``make demo`` runs until the end-to-end demo exists: the foundation, shown on real traces.
+"""The masking foundation shown on real traces, without training anything (``make demo`` runs the full demo).
 
 It writes a few memento traces of the default synthetic task (:mod:`memento.synth`: a running
 sum, each memento carrying the total) as an OpenMementos JSONL file, checks them with ``memento validate``,

@@ -13,7 +13,6 @@ simple to check.
 from __future__ import annotations
 
 import string
-from pathlib import Path
 
 from memento.format import MEMENTO_TOKENS, THINK_TOKENS
 
@@ -64,11 +63,4 @@ def build_tiny_tokenizer(alphabet: str = DEFAULT_ALPHABET):
         clean_up_tokenization_spaces=False,
         model_max_length=1 << 16,
     )
-    return tokenizer
-
-
-def save_tiny_tokenizer(path: str | Path, alphabet: str = DEFAULT_ALPHABET):
-    """Build the tiny tokenizer and ``save_pretrained`` it to ``path``; returns the tokenizer."""
-    tokenizer = build_tiny_tokenizer(alphabet)
-    tokenizer.save_pretrained(str(path))
     return tokenizer

@@ -17,7 +17,6 @@ from memento.format import SPECIAL_TOKENS, THINK_END, THINK_START, SpecialTokenI
 
 _SPECIAL_ALT = "|".join(re.escape(tok) for tok in SPECIAL_TOKENS)
 _PIECE_RE = re.compile(rf"(?:{_SPECIAL_ALT})|\s*(?!{_SPECIAL_ALT})(?:\w+|[^\w\s])|\s+")
-_SPECIAL_SET = frozenset(SPECIAL_TOKENS)
 
 
 class TextTokenizer(Protocol):
@@ -90,7 +89,3 @@ def load_tokenizer(path: str | Path | None) -> TextTokenizer:
     if path is None:
         return RegexTokenizer()
     return HFTokenizer(path)
-
-
-def is_special(piece: str) -> bool:
-    return piece in _SPECIAL_SET

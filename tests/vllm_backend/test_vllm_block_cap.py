@@ -8,10 +8,10 @@ from __future__ import annotations
 import pytest
 import vllm
 
+from memento.chat import chat_prompt
 from memento.engine import EngineConfig, LLMEngine
 from memento.engine import SamplingParams as OurParams
 from memento.format import SpecialTokenIds
-from memento.train.collate import chat_prompt
 
 
 @pytest.fixture(scope="module")

@@ -22,10 +22,10 @@ import vllm
 from vllm_support import FORCE, ForcedTokens, free_blocks, scheduler_of
 
 from helpers import memento_case
+from memento.chat import assistant_prefix_ids
 from memento.format import SpecialTokenIds
 from memento.masking import compute_visibility
 from memento.reference import forward_logits, reference_generate
-from memento.train.collate import assistant_prefix_ids
 from memento.vllm.config import MementoSettings
 from memento.vllm.scheduler import FORMAT_ERROR
 

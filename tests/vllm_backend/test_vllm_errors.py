@@ -16,12 +16,12 @@ import vllm
 from vllm_support import FORCE, ForcedTokens, free_blocks, scheduler_of
 
 from helpers import memento_case
+from memento.chat import assistant_prefix_ids, chat_prompt
 from memento.engine import EngineConfig, LLMEngine
 from memento.engine import SamplingParams as OurParams
 from memento.format import SpecialTokenIds
 from memento.masking import compute_visibility
 from memento.reference import forward_logits
-from memento.train.collate import assistant_prefix_ids, chat_prompt
 from memento.vllm.config import SCHEDULER_CLS, WORKER_CLS, MementoSettings, engine_args
 from memento.vllm.scheduler import FORMAT_ERROR
 

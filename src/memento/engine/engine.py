@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from memento.chat import assistant_prefix_ids
 from memento.engine.kv_pool import KVGeometry, KVPool
 from memento.engine.model_runner import ModelRunner
 from memento.engine.sampling import SampledToken, SamplingParams, sample_tokens
@@ -24,6 +25,7 @@ from memento.engine.scheduler import Scheduler
 from memento.engine.sequence import KVStats, Sequence
 from memento.format import MementoFormatError, SpecialTokenIds
 from memento.masking import MaskConfig, MementoTracker
+from memento.modeling import check_attention_implementation
 
 
 @dataclass
@@ -144,8 +146,6 @@ class LLMEngine:
         *,
         specials: SpecialTokenIds | None = None,
     ) -> None:
-        from memento.modeling import check_attention_implementation
-
         self.config = config or EngineConfig()
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -209,8 +209,6 @@ class LLMEngine:
             return [int(t) for t in self.config.assistant_prefix]
         if self.tokenizer is None:
             raise ValueError("require_assistant_section needs assistant_prefix ids or a tokenizer with a chat template")
-        from memento.train.collate import assistant_prefix_ids
-
         return assistant_prefix_ids(self.tokenizer)
 
     def _eos_ids(self) -> set[int]:

@@ -20,6 +20,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from memento.chat import chat_prompt
 from memento.engine import EngineConfig, LLMEngine, SamplingParams
 from memento.eval.grading import Grader, answer_text
 from memento.eval.metrics import accuracy_summary, kv_summary
@@ -112,8 +113,6 @@ def completion_structure(token_ids: list[int], specials: SpecialTokenIds) -> Str
 
 def _prompt_ids(tokenizer: Any, text: str, chat: bool) -> list[int]:
     if chat and getattr(tokenizer, "chat_template", None):
-        from memento.train.collate import chat_prompt
-
         text = chat_prompt(tokenizer, text)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 

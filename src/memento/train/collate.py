@@ -13,44 +13,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from memento.chat import chat_prompt
 from memento.format import MementoFormatError, SpecialTokenIds
-from memento.masking import MaskBatch, MaskConfig, collate_visibility, compute_visibility
-from memento.modeling import check_attention_implementation
+from memento.masking import MaskConfig, collate_visibility, compute_visibility
+from memento.modeling import SUPPORTED_ATTENTION, attention_inputs
 
 IGNORE_INDEX = -100
-SUPPORTED_ATTENTION = ("sdpa", "eager")
-
-attention_implementation = check_attention_implementation
-"""The model's attention implementation if it can take our 4D mask ("sdpa" or "eager"), else a
-clear error: see :func:`memento.modeling.check_attention_implementation`."""
-
-
-def attention_inputs(batch: MaskBatch, impl: str, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """``input_ids``, ``attention_mask`` (4D, in the form ``impl`` needs) and logical ``position_ids``."""
-    if impl not in SUPPORTED_ATTENTION:
-        raise ValueError(f"unsupported attention implementation {impl!r}")
-    mask = batch.dense() if impl == "sdpa" else batch.additive(dtype)
-    return {"input_ids": batch.input_ids, "attention_mask": mask, "position_ids": batch.position_ids}
-
-
-def assistant_prefix_ids(tokenizer: Any) -> list[int]:
-    """The ids that open the assistant's turn in the tokenizer's chat template.
-
-    Found as the difference between a one-message chat with and without the generation prompt
-    (for ChatML: ``<|im_start|>assistant\\n``); masking tracks memento tokens only after them.
-    """
-    messages = [{"role": "user", "content": "x"}]
-    without = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
-    with_prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    if not with_prompt.startswith(without) or with_prompt == without:
-        raise ValueError("cannot find the assistant prefix: the chat template adds no generation prompt")
-    return tokenizer(with_prompt[len(without) :], add_special_tokens=False)["input_ids"]
-
-
-def chat_prompt(tokenizer: Any, problem: str) -> str:
-    """The prompt text a model sees: the problem as a user turn, then the assistant's opening."""
-    messages = [{"role": "user", "content": problem}]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 def tokenize_example(

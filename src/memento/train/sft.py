@@ -13,7 +13,6 @@ trains the tiny demo models and a real Qwen3 / Llama / Phi / Olmo checkpoint.
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -22,14 +21,11 @@ from typing import Any
 
 import torch
 
+from memento.chat import assistant_prefix_ids
 from memento.format import SpecialTokenIds
 from memento.masking import MaskConfig
-from memento.train.collate import (
-    MementoCollator,
-    assistant_prefix_ids,
-    attention_implementation,
-    tokenize_example,
-)
+from memento.modeling import check_attention_implementation
+from memento.train.collate import MementoCollator, tokenize_example
 
 BEST_DIR = "best"
 LOG_FILE = "log.jsonl"
@@ -101,7 +97,7 @@ def make_collator(model: Any, tokenizer: Any, stage: int, settings: SFTSettings)
     """The collator for a stage: stage 1 causal, stage 2 the memento mask in the model's form."""
     if stage not in (1, 2):
         raise ValueError(f"stage must be 1 or 2, not {stage!r}")
-    impl = attention_implementation(model)
+    impl = check_attention_implementation(model)
     specials = SpecialTokenIds.from_tokenizer(tokenizer)
     config = settings.mask_config() if stage == 2 else None
     prefix = assistant_prefix_ids(tokenizer) if config is not None and config.require_assistant_section else None
@@ -229,7 +225,3 @@ def read_log(stage_dir: str | Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def steps_per_epoch(n_examples: int, settings: SFTSettings) -> int:
-    return max(1, math.ceil(n_examples / (settings.batch_size * settings.grad_accum)))

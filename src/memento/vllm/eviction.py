@@ -113,10 +113,6 @@ class RequestEvictions:
                 self.structure_error = err
                 return
 
-    @property
-    def num_fed(self) -> int:
-        return self.tracker.position
-
     # -- layout ------------------------------------------------------------------------------
 
     @property

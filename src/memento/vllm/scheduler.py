@@ -33,6 +33,7 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
 from vllm.v1.request import Request, RequestStatus
 
+from memento.chat import assistant_prefix_ids
 from memento.format import MementoFormatError, SpecialTokenIds
 from memento.masking import MementoTracker
 from memento.vllm.config import PLAN_ATTR, SCHEDULER_CLS, WORKER_CLS, MementoSettings, names_subclass
@@ -70,10 +71,6 @@ class MementoStats:
     used_blocks_auc: int = 0
     finished_requests: int = 0
     request_peak_sum: int = 0  # sum over finished requests of each one's peak physical KV tokens
-
-    @property
-    def mean_request_peak(self) -> float:
-        return self.request_peak_sum / self.finished_requests if self.finished_requests else 0.0
 
 
 class _PhysicalRequest:
@@ -167,8 +164,6 @@ def load_specials_and_prefix(vllm_config: Any, settings: MementoSettings) -> tup
         if settings.assistant_prefix:
             prefix = list(settings.assistant_prefix)
         else:
-            from memento.train.collate import assistant_prefix_ids
-
             try:
                 prefix = assistant_prefix_ids(tokenizer)
             except Exception as err:
