@@ -24,6 +24,7 @@ import torch
 from memento.chat import chat_prompt
 from memento.demo import DEMO_KNOBS
 from memento.engine import EngineConfig, LLMEngine, SamplingParams
+from memento.masking import MaskConfig
 from memento.synth import generate
 
 
@@ -39,7 +40,7 @@ def run_engine(model, tokenizer, prompts, keep_last_n: int, budget: int, max_tok
     engine = LLMEngine(
         model,
         tokenizer,
-        EngineConfig(keep_last_n=keep_last_n, kv_budget_tokens=budget, max_num_seqs=max_seqs),
+        EngineConfig(mask=MaskConfig.chat(keep_last_n=keep_last_n), kv_budget_tokens=budget, max_num_seqs=max_seqs),
     )
     params = SamplingParams(temperature=0, max_tokens=max_tokens)
     start = time.perf_counter()

@@ -32,6 +32,7 @@ import torch
 from memento.chat import chat_prompt
 from memento.demo import DEMO_KNOBS
 from memento.engine import EngineConfig, LLMEngine, SamplingParams
+from memento.masking import MaskConfig
 from memento.synth import generate
 
 
@@ -42,7 +43,8 @@ def percentile(values: list[float], q: float) -> float:
 
 def run_direct(model_dir: Path, prompts: list[str], args) -> dict:
     engine = LLMEngine.from_pretrained(
-        model_dir, EngineConfig(kv_budget_tokens=args.kv_budget, max_num_seqs=args.max_seqs, keep_last_n=0)
+        model_dir,
+        EngineConfig(kv_budget_tokens=args.kv_budget, max_num_seqs=args.max_seqs, mask=MaskConfig.chat(keep_last_n=0)),
     )
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens)
     submitted: dict[str, float] = {}

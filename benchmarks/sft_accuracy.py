@@ -59,7 +59,7 @@ def evaluate(
             model,
             tokenizer,
             EngineConfig(
-                keep_last_n=config.keep_last_n,
+                mask=config,
                 kv_budget_tokens=max(batch_size, 1) * (max_new_tokens + max(map(len, prompts))),
                 max_num_seqs=batch_size,
             ),

@@ -32,6 +32,7 @@ def vllm_run(model_dir: Path, prompts: list[str], *, keep: int | None, pages: in
     """One batch through an in-process vLLM engine; ``keep=None`` is stock vLLM (no memento classes)."""
     import vllm
 
+    from memento.masking import MaskConfig
     from memento.vllm.config import MementoSettings, engine_args
 
     options = dict(
@@ -47,7 +48,7 @@ def vllm_run(model_dir: Path, prompts: list[str], *, keep: int | None, pages: in
         enable_prefix_caching=False,
     )
     if keep is not None:
-        options = engine_args(MementoSettings(keep_last_n=keep), **options)
+        options = engine_args(MementoSettings(mask=MaskConfig.chat(keep_last_n=keep)), **options)
     llm = vllm.LLM(**options)
     params = vllm.SamplingParams(temperature=0, max_tokens=args.max_tokens)
     llm.generate(prompts[:2], vllm.SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)  # warm-up
@@ -119,9 +120,12 @@ def engine_run(model_dir: Path, prompts: list[str], budget: int, args) -> dict:
     import torch
 
     from memento.engine import EngineConfig, LLMEngine, SamplingParams
+    from memento.masking import MaskConfig
 
     engine = LLMEngine.from_pretrained(
-        model_dir, EngineConfig(keep_last_n=0, kv_budget_tokens=budget, max_num_seqs=args.max_seqs), dtype="float32"
+        model_dir,
+        EngineConfig(mask=MaskConfig.chat(keep_last_n=0), kv_budget_tokens=budget, max_num_seqs=args.max_seqs),
+        dtype="float32",
     )
     engine.add_request(prompts[0], SamplingParams(temperature=0, max_tokens=8))
     engine.run_to_completion()  # warm-up

@@ -90,7 +90,7 @@ def run_bounded(engine: LLMEngine, max_steps: int = 500, on_token=None) -> list:
 
 
 def solo(model, tok, prompt, params, **config):
-    engine = LLMEngine(model, tok, EngineConfig(**config))
+    engine = LLMEngine(model, tok, EngineConfig.from_options(**config))
     engine.add_request(prompt, params)
     (out,) = run_bounded(engine)
     return out
@@ -411,7 +411,7 @@ def test_streaming_callback_sees_every_token_in_order(tok, model, prompts) -> No
 
 
 def test_requests_added_between_steps(tok, specials, model, prompts) -> None:
-    engine = LLMEngine(model, tok, EngineConfig(keep_last_n=0))
+    engine = LLMEngine(model, tok, EngineConfig(mask=MaskConfig.chat(keep_last_n=0)))
     finished = []
     engine.add_request(prompts["memento"], greedy(14), request_id="a")
     finished += engine.step()
@@ -443,7 +443,11 @@ def test_requests_added_between_steps(tok, specials, model, prompts) -> None:
 def test_bad_requests_raise_and_leave_the_in_flight_request_alone(tok, specials, model, prompts) -> None:
     prompt = prompts["memento"]
     budget = len(prompt) + 20
-    engine = LLMEngine(model, tok, EngineConfig(keep_last_n=0, kv_budget_tokens=budget, max_model_len=budget + 10))
+    engine = LLMEngine(
+        model,
+        tok,
+        EngineConfig(mask=MaskConfig.chat(keep_last_n=0), kv_budget_tokens=budget, max_model_len=budget + 10),
+    )
     rid = engine.add_request(prompt, greedy(12))
     engine.step()
     engine.step()
@@ -535,7 +539,7 @@ def test_unknown_architecture_is_refused(tok) -> None:
         ({"kv_budget_tokens": True}, "kv_budget_tokens must be a positive integer"),
         ({"max_num_seqs": 0}, "max_num_seqs must be a positive integer"),
         ({"max_num_batched_tokens": -3}, "max_num_batched_tokens must be a positive integer"),
-        ({"max_block_tokens": 0}, "max_block_tokens must be None or >= 1"),
+        ({"max_block_tokens": 0}, "max_block_tokens must be a positive integer"),
         ({"keep_last_n": -2}, "keep_last_n must be -1"),
         ({"watermark": 1.0}, r"watermark must be in \[0, 1\)"),
         ({"restart": True, "keep_last_n": 1}, "restart mode"),
@@ -543,7 +547,7 @@ def test_unknown_architecture_is_refused(tok) -> None:
 )
 def test_engine_config_validation(kwargs, match) -> None:
     with pytest.raises(ValueError, match=match):
-        EngineConfig(**kwargs)
+        EngineConfig.from_options(**kwargs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -566,7 +570,7 @@ def test_preemption_under_a_tiny_budget_keeps_the_outputs(tok, model) -> None:
     params = [greedy(max_tokens)] * 7 + [SamplingParams(temperature=1.0, max_tokens=max_tokens, seed=11)]
 
     def run(budget: int):
-        engine = LLMEngine(model, tok, EngineConfig(keep_last_n=0, kv_budget_tokens=budget))
+        engine = LLMEngine(model, tok, EngineConfig(mask=MaskConfig.chat(keep_last_n=0), kv_budget_tokens=budget))
         rids = [engine.add_request(p, sp) for p, sp in zip(plist, params, strict=True)]
         done = {r.request_id: r for r in run_bounded(engine, max_steps=2000)}
         assert set(done) == set(rids) and not engine.has_unfinished()
@@ -594,7 +598,7 @@ def test_a_request_bigger_than_the_pool_ends_with_kv_budget(tok, model, prompts)
     long_prompt = prompts["plain"]
     assert len(long_prompt) < budget
     others = [prompts["think"], prompts["plain"]]
-    engine = LLMEngine(model, tok, EngineConfig(keep_last_n=-1, kv_budget_tokens=budget))
+    engine = LLMEngine(model, tok, EngineConfig(mask=MaskConfig.chat(keep_last_n=-1), kv_budget_tokens=budget))
     engine.add_request(long_prompt, greedy(100), request_id="long")
     for i, p in enumerate(others):
         engine.add_request(p, greedy(6), request_id=f"ok{i}")
@@ -661,7 +665,7 @@ def test_forced_memento_continuation_counts_evictions(tok, model) -> None:
 
     results = {}
     for keep in (0, -1):
-        engine = LLMEngine(model, tok, EngineConfig(keep_last_n=keep))
+        engine = LLMEngine(model, tok, EngineConfig(mask=MaskConfig.chat(keep_last_n=keep)))
         engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=len(forced)), forced_tokens=forced)
         engine.add_request(prompt, greedy(4), request_id="free")  # a free-running neighbour
         done = {r.request_id: r for r in run_bounded(engine)}
@@ -802,7 +806,7 @@ def test_out_of_vocabulary_forced_tokens_are_refused_up_front(tok, model, prompt
 
 
 def test_engine_eviction_totals_equal_the_sum_over_requests(tok, model, prompts) -> None:
-    engine = LLMEngine(model, tok, EngineConfig(keep_last_n=0))
+    engine = LLMEngine(model, tok, EngineConfig(mask=MaskConfig.chat(keep_last_n=0)))
     engine.add_request(prompts["memento"], greedy(3))
     (out,) = run_bounded(engine)
     kv = out.outputs[0].kv

@@ -84,9 +84,11 @@ MODES = [
 def test_teacher_forced_logits_match_dense_mask_forward(model, tokenizer, knobs, batch, budget):
     rng = random.Random(f"{sorted(knobs.items())}-{batch}-{budget}")
     cases = [random_case(tokenizer, rng) for _ in range(batch)]
-    config = EngineConfig(kv_budget_tokens=budget, keep_logits=True, max_num_batched_tokens=48, **knobs)
+    config = EngineConfig(
+        kv_budget_tokens=budget, keep_logits=True, max_num_batched_tokens=48, mask=MaskConfig.chat(**knobs)
+    )
     got, engine = engine_logits(model, tokenizer, cases, config)
-    want = reference_logits(model, tokenizer, cases, config.mask_config())
+    want = reference_logits(model, tokenizer, cases, config.mask)
     for g, w in zip(got, want, strict=True):
         assert g.shape == w.shape
         assert (g - w).abs().max().item() <= TOLERANCE
@@ -102,7 +104,7 @@ def test_eviction_really_frees_slots(model, tokenizer):
     cases = [random_case(tokenizer, rng) for _ in range(4)]
     peaks = {}
     for keep in (-1, 0):
-        config = EngineConfig(keep_last_n=keep, keep_logits=True)
+        config = EngineConfig(mask=MaskConfig.chat(keep_last_n=keep), keep_logits=True)
         _, engine = engine_logits(model, tokenizer, cases, config)
         peaks[keep] = engine.stats.peak_kv
         if keep == 0:
@@ -128,7 +130,7 @@ def test_greedy_generation_equals_reference_generator(model, tokenizer, keep):
         pad_token_id=tokenizer.pad_token_id,
         assistant_prefix=assistant_prefix_ids(tokenizer),
     )
-    engine = LLMEngine(model, tokenizer, EngineConfig(keep_last_n=keep, kv_budget_tokens=200))
+    engine = LLMEngine(model, tokenizer, EngineConfig(mask=MaskConfig.chat(keep_last_n=keep), kv_budget_tokens=200))
     ids = [engine.add_request(p, SamplingParams(temperature=0, max_tokens=12)) for p in prompts]
     done = {r.request_id: r.outputs[0] for r in engine.run_to_completion()}
     for request_id, ref in zip(ids, want, strict=True):
@@ -145,12 +147,12 @@ def test_broken_structure_stops_tracking_when_tolerated(model, tokenizer, keep):
     good = "<think>\n<|block_start|>ab1<|block_end|><|summary_start|>m<|summary_end|>\n"
     bad = "<|summary_end|>cd<|block_start|>ef"  # a memento end with no memento: the defect
     continuation = tokenizer(good + bad, add_special_tokens=False)["input_ids"]
-    config = EngineConfig(keep_last_n=keep, keep_logits=True, stop_on_format_error=False)
+    config = EngineConfig(mask=MaskConfig.chat(keep_last_n=keep), keep_logits=True, stop_on_format_error=False)
     (got,), engine = engine_logits(model, tokenizer, [(prompt, continuation)], config)
     vis = compute_visibility(
         prompt + continuation,
         SpecialTokenIds.from_tokenizer(tokenizer),
-        config.mask_config(),
+        config.mask,
         assistant_prefix_ids(tokenizer),
         stop_tracking_on_error=True,
     )
@@ -159,7 +161,7 @@ def test_broken_structure_stops_tracking_when_tolerated(model, tokenizer, keep):
     assert (got - want).abs().max().item() <= TOLERANCE
     assert engine.stats.evictions == (1 if keep == 0 else 0)
     # The default for an evicting engine is to stop at the defect.
-    strict = LLMEngine(model, tokenizer, EngineConfig(keep_last_n=keep))
+    strict = LLMEngine(model, tokenizer, EngineConfig(mask=MaskConfig.chat(keep_last_n=keep)))
     strict.add_request(prompt, SamplingParams(temperature=0, max_tokens=len(continuation)), forced_tokens=continuation)
     (out,) = strict.run_to_completion()
     defect = len(tokenizer(good, add_special_tokens=False)["input_ids"])

@@ -135,7 +135,9 @@ def test_replayed_live_kv_equals_what_the_engine_measured(tok, config) -> None:
     engine = LLMEngine(
         model,
         tok,
-        EngineConfig(keep_last_n=config.keep_last_n, restart=config.restart, kv_budget_tokens=4096),
+        EngineConfig(
+            mask=MaskConfig.chat(keep_last_n=config.keep_last_n, restart=config.restart), kv_budget_tokens=4096
+        ),
     )
     examples = records(3, blocks=3)
     cases = []
@@ -182,11 +184,13 @@ def test_file_task_set_picks_fields_and_names_the_missing_one(tmp_path) -> None:
 
 
 def test_modes_parse() -> None:
-    assert Mode.parse("memento") == Mode("memento", 0)
-    assert Mode.parse("Vanilla") == Mode("vanilla", -1)
-    assert Mode.parse("restart") == Mode("restart", 0, restart=True)
-    assert Mode.parse("keep-2") == Mode("keep-2", 2)
-    for bad in ("keep-0", "keep-x", "evict"):
+    chat = MaskConfig.chat
+    assert Mode.parse("memento") == Mode("memento", chat(keep_last_n=0))
+    assert Mode.parse("Vanilla") == Mode("vanilla", chat(keep_last_n=-1))
+    assert Mode.parse("restart") == Mode("restart", chat(keep_last_n=0, restart=True))
+    assert Mode.parse("keep-2") == Mode("keep-2", chat(keep_last_n=2))
+    assert Mode.parse("keep-1+delimiters") == Mode("keep-1+delimiters", chat(keep_last_n=1, mask_delimiters=True))
+    for bad in ("keep-0", "keep-x", "evict", "memento+everything"):
         with pytest.raises(ValueError, match="unknown mode"):
             Mode.parse(bad)
 

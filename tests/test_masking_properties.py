@@ -38,6 +38,7 @@ from strategies import (
     Unit,
     examples,
     mask_cases,
+    mask_configs,
     masking_sequences,
     masking_verdict,
 )
@@ -495,3 +496,25 @@ def test_right_padding_rows_see_only_themselves() -> None:
     mask = batch.dense()[1, 0].numpy()
     np.testing.assert_array_equal(mask[2:], np.eye(8, dtype=bool)[2:])
     np.testing.assert_array_equal(mask[:2, :2], np.tril(np.ones((2, 2), dtype=bool)))
+
+
+@settings(**SETTINGS)
+@given(config=mask_configs())
+def test_mode_names_round_trip(config: MaskConfig) -> None:
+    """Eval's mode names and the settings they stand for are one spelling, read both ways."""
+    again = MaskConfig.from_mode(config.mode, require_assistant_section=config.require_assistant_section)
+    assert again == config
+
+
+@settings(**SETTINGS)
+@given(config=mask_configs(), other=mask_configs())
+def test_split_knobs_takes_the_knobs_and_leaves_the_rest(config: MaskConfig, other: MaskConfig) -> None:
+    options = {**dataclasses.asdict(config), "kv_budget_tokens": 7}
+    mask, rest = other.split_knobs(options)
+    assert mask == config and rest == {"kv_budget_tokens": 7}
+    assert other.split_knobs({"mask": config, "x": 1}) == (config, {"x": 1})
+    assert config.changed_knobs(other) == {
+        k: v for k, v in dataclasses.asdict(config).items() if v != getattr(other, k)
+    }
+    with pytest.raises(ValueError, match="either mask= or the knobs"):
+        other.split_knobs({"mask": config, "keep_last_n": 0})

@@ -33,7 +33,7 @@ def model(tok):
 
 @pytest.fixture(scope="module")
 def server(model, tok):
-    app = build_app(model, EngineConfig(**CONFIG), tokenizer=tok, model_name="tiny")
+    app = build_app(model, EngineConfig.from_options(**CONFIG), tokenizer=tok, model_name="tiny")
     running = start_in_thread(app)
     yield running, app.state.memento.async_engine
     running.stop()
@@ -47,7 +47,7 @@ def client(server):
 
 def engine_run(model, tok, prompt_ids: list[int], params: SamplingParams):
     """The same request through the engine directly (the reference for text and logprobs)."""
-    engine = LLMEngine(model, tok, EngineConfig(**CONFIG))
+    engine = LLMEngine(model, tok, EngineConfig.from_options(**CONFIG))
     rid = engine.add_request(prompt_ids, params)
     return next(r for r in engine.run_to_completion() if r.request_id == rid)
 
@@ -243,7 +243,9 @@ def test_a_client_gone_mid_stream_frees_its_kv(server) -> None:
 
 
 def test_a_full_queue_answers_429(model, tok) -> None:
-    app = build_app(model, EngineConfig(**CONFIG), tokenizer=tok, model_name="tiny", max_pending_requests=1)
+    app = build_app(
+        model, EngineConfig.from_options(**CONFIG), tokenizer=tok, model_name="tiny", max_pending_requests=1
+    )
     running = start_in_thread(app)
     try:
         client = openai.OpenAI(base_url=f"{running.base_url}/v1", api_key="x", max_retries=0)
@@ -312,7 +314,7 @@ def test_bounded_load_with_cancellations_leaks_nothing(server) -> None:
 
 
 def test_shutdown_finishes_requests_in_flight(model, tok) -> None:
-    app = build_app(model, EngineConfig(**CONFIG), tokenizer=tok, model_name="tiny", shutdown_timeout=10)
+    app = build_app(model, EngineConfig.from_options(**CONFIG), tokenizer=tok, model_name="tiny", shutdown_timeout=10)
     engine = app.state.memento.async_engine
     running = start_in_thread(app)
     body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 60, "ignore_eos": True, "stream": True}
@@ -333,7 +335,7 @@ def test_a_saved_checkpoint_serves_under_its_directory_name(model, tok, tmp_path
     path = tmp_path / "memento-model"
     model.save_pretrained(path)
     tok.save_pretrained(path)
-    running = start_in_thread(build_app(path, EngineConfig(**CONFIG)))
+    running = start_in_thread(build_app(path, EngineConfig.from_options(**CONFIG)))
     try:
         client = openai.OpenAI(base_url=f"{running.base_url}/v1", api_key="x", max_retries=0)
         assert [m.id for m in client.models.list().data] == ["memento-model"]
@@ -365,7 +367,7 @@ def test_a_non_streaming_client_that_gives_up_frees_its_kv(server) -> None:
 
 
 def test_draining_answers_503_and_health_says_so(model, tok) -> None:
-    app = build_app(model, EngineConfig(**CONFIG), tokenizer=tok, model_name="tiny")
+    app = build_app(model, EngineConfig.from_options(**CONFIG), tokenizer=tok, model_name="tiny")
     engine = app.state.memento.async_engine
     running = start_in_thread(app)
     try:

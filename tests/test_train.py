@@ -38,7 +38,7 @@ def test_labels_cover_the_completion_and_eos_only(tokenizer) -> None:
 def test_memento_loss_equals_hand_built_mask_and_plain_forward(tokenizer, impl: str) -> None:
     model = tiny_model(tokenizer, impl)
     specials = SpecialTokenIds.from_tokenizer(tokenizer)
-    settings = SFTSettings(keep_last_n=0)
+    settings = SFTSettings(mask=MaskConfig.chat(keep_last_n=0))
     collator = make_collator(model, tokenizer, stage=2, settings=settings)
     examples = [tokenize_example(tokenizer, r["problem"], r["response"]) for r in records(3)]
     batch = collator(examples)

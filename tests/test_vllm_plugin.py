@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from memento.masking import MaskConfig
 from memento.vllm.config import SCHEDULER_CLS, WORKER_CLS, MementoSettings, engine_args
 from memento.vllm.plugin import check_version
 from memento.vllm.serve import vllm_serve_argv
@@ -20,11 +21,13 @@ def test_another_vllm_version_is_refused_with_what_to_do() -> None:
 
 
 def test_settings_round_trip_through_additional_config() -> None:
-    settings = MementoSettings(keep_last_n=1, mask_delimiters=True, max_block_tokens=64, assistant_prefix=(3, 4))
+    settings = MementoSettings(
+        mask=MaskConfig.chat(keep_last_n=1, mask_delimiters=True), max_block_tokens=64, assistant_prefix=(3, 4)
+    )
     raw = json.loads(json.dumps({"memento": settings.to_dict()}))  # as it travels on the command line
     assert MementoSettings.from_dict(raw["memento"]) == settings
     assert MementoSettings().to_dict() == {}  # defaults are the embedded engine's
-    assert MementoSettings().strict and not MementoSettings(keep_last_n=-1).strict
+    assert MementoSettings().strict and not MementoSettings(mask=MaskConfig.chat(keep_last_n=-1)).strict
     with pytest.raises(ValueError, match="max_block_tokens must be a positive integer"):
         MementoSettings(max_block_tokens=0)
     with pytest.raises(ValueError, match="keep_last_n must be -1"):
@@ -32,7 +35,9 @@ def test_settings_round_trip_through_additional_config() -> None:
 
 
 def test_engine_args_switch_the_backend_on_and_keep_the_rest() -> None:
-    args = engine_args(MementoSettings(keep_last_n=0), model="m", additional_config={"other": 1}, dtype="float32")
+    args = engine_args(
+        MementoSettings(mask=MaskConfig.chat(keep_last_n=0)), model="m", additional_config={"other": 1}, dtype="float32"
+    )
     assert args["scheduler_cls"] == SCHEDULER_CLS and args["worker_cls"] == WORKER_CLS
     assert args["enable_prefix_caching"] is False and args["async_scheduling"] is False
     assert args["additional_config"] == {"other": 1, "memento": {}}
@@ -42,7 +47,7 @@ def test_engine_args_switch_the_backend_on_and_keep_the_rest() -> None:
 def test_the_vllm_server_command_line() -> None:
     argv = vllm_serve_argv(
         "models/x",
-        MementoSettings(keep_last_n=1),
+        MementoSettings(mask=MaskConfig.chat(keep_last_n=1)),
         port=9000,
         kv_budget_tokens=1000,
         block_size=32,

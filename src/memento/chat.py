@@ -6,7 +6,10 @@ live here, below every consumer (training imports them; the rest never imports t
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
+
+from memento.masking import MaskConfig
 
 
 def assistant_prefix_ids(tokenizer: Any) -> list[int]:
@@ -27,3 +30,15 @@ def chat_prompt(tokenizer: Any, problem: str) -> str:
     """The prompt text a model sees: the problem as a user turn, then the assistant's opening."""
     messages = [{"role": "user", "content": problem}]
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def tracked_prefix(mask: MaskConfig, given: Sequence[int] | None, tokenizer: Any | None) -> list[int] | None:
+    """The assistant prefix the mask is tracked from: None when the whole sequence is tracked, else
+    ``given`` or the tokenizer's (an engine's or a backend's assistant-prefix setting resolved)."""
+    if not mask.require_assistant_section:
+        return None
+    if given:
+        return [int(t) for t in given]
+    if tokenizer is None:
+        raise ValueError("require_assistant_section needs assistant_prefix ids or a tokenizer with a chat template")
+    return assistant_prefix_ids(tokenizer)

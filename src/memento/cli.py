@@ -12,6 +12,7 @@ Exit codes: 0 all good, 1 malformed data, 2 usage errors (missing file, unknown 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from collections.abc import Callable, Iterator
@@ -38,6 +39,7 @@ from memento.format import (
     render_response,
     trace_from_record,
 )
+from memento.masking import CHAT_MEMENTO, MaskConfig
 from memento.records_io import RecordReadError, RecordSource, RecordSourceError, open_records, read_records
 from memento.stats import StatsAccumulator, is_approximate, stats_rows
 from memento.tokens import TextTokenizer, load_tokenizer
@@ -179,6 +181,49 @@ SplitOpt = Annotated[
     str | None,
     typer.Option("--split", help="Split of an HF DatasetDict directory; default: 'train' or the only split."),
 ]
+
+# The memento mask: masking.MaskConfig's knobs, declared once for every command that takes them.
+MASK_PANEL = "Memento mask"
+KeepLastNOpt = Annotated[
+    int,
+    typer.Option(
+        "--keep-last-n",
+        help="-1 vanilla (nothing evicted), 0 memento, N keep the N newest finished blocks.",
+        rich_help_panel=MASK_PANEL,
+    ),
+]
+MaskDelimitersOpt = Annotated[
+    bool,
+    typer.Option(
+        "--mask-delimiters/--no-mask-delimiters",
+        help="Also hide an evicted block's <|block_start|> and <|block_end|> (Phi-4 style).",
+        rich_help_panel=MASK_PANEL,
+    ),
+]
+KeepLastBlockOpt = Annotated[
+    bool,
+    typer.Option(
+        "--keep-last-block-for-answer",
+        help="Keep the newest finished block visible until the next one starts.",
+        rich_help_panel=MASK_PANEL,
+    ),
+]
+RestartOpt = Annotated[
+    bool,
+    typer.Option(
+        "--restart",
+        help="Restart ablation: an evicted block's memento is recomputed without it (keep-last-n 0 only).",
+        rich_help_panel=MASK_PANEL,
+    ),
+]
+
+
+def _mask(base: MaskConfig, code: int = 1, **knobs: Any) -> MaskConfig:
+    """``base`` with the mask options given on the command line, or exit ``code`` saying what is wrong."""
+    try:
+        return dataclasses.replace(base, **knobs)
+    except ValueError as exc:
+        _fail(str(exc), code=code)
 
 
 @app.command()
@@ -381,7 +426,7 @@ def _draw_mask(
     if config.restart:
         counts += f" ({rows:,} rows in the restart layout)"
     title = (
-        f"{title_head} · {viz.describe_config(config)}\n"
+        f"{title_head} · {config.describe()}\n"
         f"{counts} · visible {summary['visible_fraction']:.1%} of causal cells · "
         f"peak live KV {summary['peak_live_kv']:,} vs {summary['vanilla_peak_kv']:,} vanilla "
         f"({summary['peak_ratio']:.2f}×)"
@@ -429,22 +474,10 @@ def inspect_command(
     mask_png: Annotated[
         Path | None, typer.Option("--mask-png", help="Draw the attention mask to this PNG.", metavar="PATH")
     ] = None,
-    keep_last_n: Annotated[
-        int, typer.Option("--keep-last-n", help="-1 vanilla, 0 memento, N keep the N newest finished blocks.")
-    ] = 0,
-    mask_delimiters: Annotated[
-        bool,
-        typer.Option(
-            "--mask-delimiters/--no-mask-delimiters", help="Also hide an evicted block's two delimiters (Phi-4)."
-        ),
-    ] = False,
-    keep_last_block_for_answer: Annotated[
-        bool,
-        typer.Option("--keep-last-block-for-answer", help="Keep the newest finished block until the next one starts."),
-    ] = False,
-    restart: Annotated[
-        bool, typer.Option("--restart", help="Restart ablation: mementos recomputed without their block.")
-    ] = False,
+    keep_last_n: KeepLastNOpt = 0,
+    mask_delimiters: MaskDelimitersOpt = False,
+    keep_last_block_for_answer: KeepLastBlockOpt = False,
+    restart: RestartOpt = False,
     max_tokens: Annotated[
         int, typer.Option("--max-tokens", min=1, help="Draw at most this many rows/columns of the mask.")
     ] = 512,
@@ -460,17 +493,14 @@ def inspect_command(
     """
     config = None
     if mask_png is not None:
-        from memento.masking import MaskConfig
-
-        try:
-            config = MaskConfig(
-                keep_last_n=keep_last_n,
-                mask_delimiters=mask_delimiters,
-                keep_last_block_for_answer=keep_last_block_for_answer,
-                restart=restart,
-            )
-        except ValueError as exc:
-            _fail(str(exc))
+        config = _mask(
+            MaskConfig(),
+            code=2,
+            keep_last_n=keep_last_n,
+            mask_delimiters=mask_delimiters,
+            keep_last_block_for_answer=keep_last_block_for_answer,
+            restart=restart,
+        )
         if not mask_png.parent.is_dir():
             _fail(f"cannot write {mask_png}: no directory {mask_png.parent}")
     source = _open(file, split)
@@ -612,14 +642,14 @@ def train_command(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Examples per step and device.")] = 16,
     grad_accum: Annotated[int, typer.Option("--grad-accum", help="Gradient accumulation steps.")] = 1,
     eval_steps: Annotated[int, typer.Option("--eval-steps", help="Evaluate and checkpoint every N steps.")] = 50,
-    keep_last_n: Annotated[int, typer.Option("--keep-last-n", help="Stage 2 mask: 0 memento, N keep N blocks.")] = 0,
-    mask_delimiters: Annotated[
-        bool, typer.Option("--mask-delimiters/--no-mask-delimiters", help="Stage 2 mask hides block delimiters.")
-    ] = False,
+    keep_last_n: KeepLastNOpt = 0,
+    mask_delimiters: MaskDelimitersOpt = False,
+    keep_last_block_for_answer: KeepLastBlockOpt = False,
     max_length: Annotated[int | None, typer.Option("--max-length", help="Refuse longer examples.")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Training seed.")] = 42,
 ) -> None:
-    """Two-stage memento SFT: stage 1 with full causal attention, stage 2 with the memento mask.
+    """Two-stage memento SFT: stage 1 with full causal attention, stage 2 with the memento mask
+    (the mask options set stage 2's).
 
     Stage 2 starts from stage 1's best checkpoint by validation loss. Each stage writes HF
     checkpoints under OUTPUT/stageN, resumes from the newest one when rerun after an interruption,
@@ -637,8 +667,12 @@ def train_command(
         batch_size=batch_size,
         grad_accum=grad_accum,
         eval_steps=eval_steps,
-        keep_last_n=keep_last_n,
-        mask_delimiters=mask_delimiters,
+        mask=_mask(
+            CHAT_MEMENTO,
+            keep_last_n=keep_last_n,
+            mask_delimiters=mask_delimiters,
+            keep_last_block_for_answer=keep_last_block_for_answer,
+        ),
         max_length=max_length,
         seed=seed,
     )
@@ -681,9 +715,10 @@ def generate_command(
     chat: Annotated[bool, typer.Option("--chat/--raw", help="Wrap each prompt in the chat template.")] = True,
     kv_budget_tokens: Annotated[int, typer.Option("--kv-budget-tokens", min=1, help="KV pool size in tokens.")] = 32768,
     max_num_seqs: Annotated[int, typer.Option("--max-num-seqs", min=1, help="Most sequences running at once.")] = 64,
-    keep_last_n: Annotated[int, typer.Option("--keep-last-n", help="-1 vanilla, 0 memento, N keep N blocks.")] = 0,
-    mask_delimiters: Annotated[bool, typer.Option("--mask-delimiters", help="Evict the block delimiters too.")] = False,
-    restart: Annotated[bool, typer.Option("--restart", help="Restart ablation: recompute mementos alone.")] = False,
+    keep_last_n: KeepLastNOpt = 0,
+    mask_delimiters: MaskDelimitersOpt = False,
+    keep_last_block_for_answer: KeepLastBlockOpt = False,
+    restart: RestartOpt = False,
     max_block_tokens: Annotated[
         int | None, typer.Option("--max-block-tokens", min=1, help="Force <|block_end|> after this many tokens.")
     ] = None,
@@ -718,6 +753,13 @@ def generate_command(
             texts.append(text)
     if not texts:
         _fail("give --prompt or --prompts")
+    mask = _mask(
+        CHAT_MEMENTO,
+        keep_last_n=keep_last_n,
+        mask_delimiters=mask_delimiters,
+        keep_last_block_for_answer=keep_last_block_for_answer,
+        restart=restart,
+    )
     if not model.exists():
         _fail(f"no such file or directory: {model}")
     try:
@@ -729,9 +771,7 @@ def generate_command(
             dtype=dtype,
             kv_budget_tokens=kv_budget_tokens,
             max_num_seqs=max_num_seqs,
-            keep_last_n=keep_last_n,
-            mask_delimiters=mask_delimiters,
-            restart=restart,
+            mask=mask,
             max_block_tokens=max_block_tokens,
         )
         tokenizer = llm.engine.tokenizer
@@ -914,9 +954,10 @@ def serve_command(
     ] = None,
     kv_budget_tokens: Annotated[int, typer.Option("--kv-budget-tokens", min=1, help="KV pool size in tokens.")] = 32768,
     max_num_seqs: Annotated[int, typer.Option("--max-num-seqs", min=1, help="Most sequences running at once.")] = 64,
-    keep_last_n: Annotated[int, typer.Option("--keep-last-n", help="-1 vanilla, 0 memento, N keep N blocks.")] = 0,
-    mask_delimiters: Annotated[bool, typer.Option("--mask-delimiters", help="Evict the block delimiters too.")] = False,
-    restart: Annotated[bool, typer.Option("--restart", help="Restart ablation: recompute mementos alone.")] = False,
+    keep_last_n: KeepLastNOpt = 0,
+    mask_delimiters: MaskDelimitersOpt = False,
+    keep_last_block_for_answer: KeepLastBlockOpt = False,
+    restart: RestartOpt = False,
     max_block_tokens: Annotated[
         int | None, typer.Option("--max-block-tokens", min=1, help="Force <|block_end|> after this many tokens.")
     ] = None,
@@ -961,6 +1002,13 @@ def serve_command(
         _fail(f"no such file or directory: {model}")
     if backend not in ("engine", "vllm"):
         _fail(f"--backend must be engine or vllm, not {backend!r}")
+    mask = _mask(
+        CHAT_MEMENTO,
+        keep_last_n=keep_last_n,
+        mask_delimiters=mask_delimiters,
+        keep_last_block_for_answer=keep_last_block_for_answer,
+        restart=restart,
+    )
     if backend == "vllm":
         _serve_with_vllm(
             model,
@@ -971,9 +1019,7 @@ def serve_command(
             block_size=block_size,
             max_num_seqs=max_num_seqs,
             dtype=dtype,
-            keep_last_n=keep_last_n,
-            mask_delimiters=mask_delimiters,
-            restart=restart,
+            mask=mask,
             max_block_tokens=max_block_tokens,
             extra=vllm_args or [],
         )
@@ -987,9 +1033,7 @@ def serve_command(
         config = EngineConfig(
             kv_budget_tokens=kv_budget_tokens,
             max_num_seqs=max_num_seqs,
-            keep_last_n=keep_last_n,
-            mask_delimiters=mask_delimiters,
-            restart=restart,
+            mask=mask,
             max_block_tokens=max_block_tokens,
         )
         server_app = build_app(
@@ -1008,21 +1052,17 @@ def serve_command(
 
     threads = torch_threads or max(1, (os.cpu_count() or 2) - 1)
     torch.set_num_threads(threads)
-    Console(stderr=True).print(
-        f"serving {model} on http://{host}:{port}/v1 (keep_last_n={keep_last_n}, {threads} torch threads)"
-    )
+    Console(stderr=True).print(f"serving {model} on http://{host}:{port}/v1 ({mask.mode}, {threads} torch threads)")
     uvicorn.run(server_app, host=host, port=port, log_level="info", timeout_graceful_shutdown=int(shutdown_timeout))
 
 
-def _serve_with_vllm(model: Path, *, keep_last_n, mask_delimiters, restart, max_block_tokens, extra, **options) -> None:
+def _serve_with_vllm(model: Path, *, mask: MaskConfig, max_block_tokens, extra, **options) -> None:
     """Replace this process with `vllm serve` running the memento backend (memento.vllm.serve)."""
     from memento.vllm.config import MementoSettings
     from memento.vllm.serve import check_vllm_available, exec_vllm_serve, vllm_serve_argv
 
     try:
-        settings = MementoSettings(
-            keep_last_n=keep_last_n, mask_delimiters=mask_delimiters, restart=restart, max_block_tokens=max_block_tokens
-        )
+        settings = MementoSettings(mask=mask, max_block_tokens=max_block_tokens)
         check_vllm_available()
     except (ValueError, RuntimeError) as exc:
         _fail(str(exc), code=1)

@@ -35,9 +35,12 @@ That keeps training, prefill and decode identical.
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -50,7 +53,13 @@ NEVER: int = int(np.iinfo(np.int64).max)
 
 @dataclass(frozen=True)
 class MaskConfig:
-    """The visibility knobs; the same object configures training, the engine and analysis."""
+    """The visibility knobs; the same object configures training, the engine, vLLM, eval and analysis.
+
+    Every settings object carries one whole (``EngineConfig.mask``, ``SFTSettings.mask``,
+    ``MementoSettings.mask``, eval's modes); where knobs arrive as loose names (keyword arguments,
+    a JSON dict, command-line options) :meth:`split_knobs` picks them out, so each knob is spelled
+    and validated here only.
+    """
 
     keep_last_n: int = 0
     mask_delimiters: bool = False
@@ -59,7 +68,7 @@ class MaskConfig:
     restart: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.keep_last_n, int) or self.keep_last_n < -1:
+        if isinstance(self.keep_last_n, bool) or not isinstance(self.keep_last_n, int) or self.keep_last_n < -1:
             raise ValueError(
                 f"keep_last_n must be -1 (vanilla), 0 (memento) or a positive count, not {self.keep_last_n!r}"
             )
@@ -72,9 +81,112 @@ class MaskConfig:
     def evicts(self) -> bool:
         return self.keep_last_n >= 0
 
+    def stops_on_format_error(self, override: bool | None = None) -> bool:
+        """The format-error policy: whether a sequence whose memento structure breaks must stop.
+
+        Default: yes when blocks are evicted (what follows the defect has no defined mask), no in
+        vanilla mode (structure plays no part there, so decoding goes on exactly as HF generate's).
+        A consumer that goes on stops tracking at the defect (:class:`SequenceVisibility`).
+        """
+        return self.evicts if override is None else bool(override)
+
+    @classmethod
+    def chat(cls, **knobs: Any) -> MaskConfig:
+        """A setting tracked from the assistant's turn on (what engines and training use on chat prompts)."""
+        return cls(require_assistant_section=True, **knobs)
+
+    # -- names ---------------------------------------------------------------------------------
+
+    @property
+    def mode(self) -> str:
+        """The setting as one word (eval's mode names): ``vanilla``, ``memento``, ``keep-N`` or
+        ``restart``, with ``+delimiters`` / ``+last-block`` for the other two eviction knobs.
+        :meth:`from_mode` reads it back (``require_assistant_section`` is not part of the name)."""
+        name = {-1: "vanilla", 0: "restart" if self.restart else "memento"}.get(self.keep_last_n)
+        name = name or f"keep-{self.keep_last_n}"
+        if self.mask_delimiters:
+            name += "+delimiters"
+        if self.keep_last_block_for_answer:
+            name += "+last-block"
+        return name
+
+    @classmethod
+    def from_mode(cls, name: str, **knobs: Any) -> MaskConfig:
+        """The setting a mode name (see :attr:`mode`) stands for; ``knobs`` set the rest."""
+        base, *extras = name.strip().lower().split("+")
+        match = _KEEP_MODE.fullmatch(base)
+        if base in _BASE_MODES:
+            knobs.update(_BASE_MODES[base])
+        elif match and int(match.group(1)) >= 1:
+            knobs["keep_last_n"] = int(match.group(1))
+        else:
+            raise ValueError(
+                f"unknown mode {name!r}: memento, vanilla, restart or keep-N (N >= 1), "
+                "optionally +delimiters and/or +last-block"
+            )
+        for extra in extras:
+            if extra not in _MODE_EXTRAS:
+                raise ValueError(f"unknown mode suffix +{extra} in {name!r}: +delimiters or +last-block")
+            knobs[_MODE_EXTRAS[extra]] = True
+        return cls(**knobs)
+
+    def describe(self) -> str:
+        """The knob setting in one line (titles of mask pictures)."""
+        mode = {-1: "vanilla", 0: "memento"}.get(self.keep_last_n, f"keep last {self.keep_last_n}")
+        parts = [f"keep_last_n={self.keep_last_n} ({mode})", f"mask_delimiters={self.mask_delimiters}"]
+        if self.keep_last_block_for_answer:
+            parts.append("keep_last_block_for_answer")
+        if self.restart:
+            parts.append("restart")
+        return ", ".join(parts)
+
+    # -- loose knobs ---------------------------------------------------------------------------
+
+    def split_knobs(self, options: Mapping[str, Any]) -> tuple[MaskConfig, dict[str, Any]]:
+        """This setting with the knobs named in ``options`` replaced, and the options that are not knobs.
+
+        For entry points that take knobs as loose names: ``LLM(path, keep_last_n=-1)``, the vLLM
+        backend's JSON settings. A ``mask`` entry (a whole :class:`MaskConfig`) may not be mixed
+        with loose knobs.
+        """
+        knobs = {k: v for k, v in options.items() if k in MASK_KNOBS}
+        rest = {k: v for k, v in options.items() if k not in MASK_KNOBS}
+        if knobs and rest.get("mask") is not None:
+            raise ValueError(f"give either mask= or the knobs {sorted(knobs)}, not both")
+        base = rest.pop("mask", None) or self
+        if not isinstance(base, MaskConfig):
+            raise ValueError(f"mask must be a MaskConfig, not {type(base).__name__}")
+        return (dataclasses.replace(base, **knobs) if knobs else base), rest
+
+    def changed_knobs(self, base: MaskConfig) -> dict[str, Any]:
+        """The knobs whose values differ from ``base`` (a compact JSON form)."""
+        return {k: getattr(self, k) for k in MASK_KNOBS if getattr(self, k) != getattr(base, k)}
+
+
+MASK_KNOBS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(MaskConfig))
+"""The knob names, as keyword arguments, JSON keys and (with dashes) command-line options."""
+
+_BASE_MODES: dict[str, dict[str, Any]] = {
+    "vanilla": {"keep_last_n": -1},
+    "memento": {"keep_last_n": 0},
+    "restart": {"keep_last_n": 0, "restart": True},
+}
+_KEEP_MODE = re.compile(r"keep-(\d+)")
+_MODE_EXTRAS = {"delimiters": "mask_delimiters", "last-block": "keep_last_block_for_answer"}
+
+
+def check_block_cap(max_block_tokens: int | None) -> None:
+    """The block-length cap is None (off) or a positive token count; anything else is refused."""
+    cap = max_block_tokens
+    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+        raise ValueError(f"max_block_tokens must be a positive integer (None: no cap), got {cap!r}")
+
 
 VANILLA = MaskConfig(keep_last_n=-1)
 MEMENTO = MaskConfig(keep_last_n=0)
+CHAT_MEMENTO = MaskConfig.chat(keep_last_n=0)
+"""The default of the engine, training and the vLLM backend: memento eviction, tracked from the
+assistant's turn on (special tokens quoted in a prompt are plain text)."""
 
 
 @dataclass(frozen=True)

@@ -94,7 +94,7 @@ def reference_generate(
     ``stop_on_format_error=False`` (the default in vanilla mode, where structure plays no part) it
     goes on instead, and nothing from the defect on is tracked.
     """
-    stop = config.evicts if stop_on_format_error is None else stop_on_format_error
+    stop = config.stops_on_format_error(stop_on_format_error)
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be at least 1")
     eos = {int(t) for t in eos_token_ids}

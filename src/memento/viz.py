@@ -19,7 +19,7 @@ import numpy as np
 from memento.format import SpecialTokenIds, UnitSpan
 
 if TYPE_CHECKING:
-    from memento.masking import MaskConfig, Visibility
+    from memento.masking import Visibility
 
 
 class Role(enum.IntEnum):
@@ -125,17 +125,6 @@ def mask_summary(vis: Visibility) -> dict[str, Any]:
         "vanilla_peak_kv": tokens,
         "peak_ratio": peak / tokens if tokens else 0.0,
     }
-
-
-def describe_config(config: MaskConfig) -> str:
-    """The knob setting in one line."""
-    mode = {-1: "vanilla", 0: "memento"}.get(config.keep_last_n, f"keep last {config.keep_last_n}")
-    parts = [f"keep_last_n={config.keep_last_n} ({mode})", f"mask_delimiters={config.mask_delimiters}"]
-    if config.keep_last_block_for_answer:
-        parts.append("keep_last_block_for_answer")
-    if config.restart:
-        parts.append("restart")
-    return ", ".join(parts)
 
 
 def unit_ticks(vis: Visibility, token_ids: Sequence[int] | None = None, specials: SpecialTokenIds | None = None):

@@ -12,6 +12,7 @@ from memento.chat import chat_prompt
 from memento.engine import EngineConfig, LLMEngine
 from memento.engine import SamplingParams as OurParams
 from memento.format import SpecialTokenIds
+from memento.masking import MaskConfig
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,9 @@ def prompt_ids(tok, text: str) -> list[int]:
 
 
 def ours(model, tok, ids: list[int], max_tokens: int, cap: int | None) -> list[int]:
-    engine = LLMEngine(model, tok, EngineConfig(keep_last_n=-1, max_block_tokens=cap, kv_budget_tokens=2048))
+    engine = LLMEngine(
+        model, tok, EngineConfig(mask=MaskConfig.chat(keep_last_n=-1), max_block_tokens=cap, kv_budget_tokens=2048)
+    )
     engine.add_request(ids, OurParams(temperature=0, max_tokens=max_tokens))
     return engine.run_to_completion()[0].outputs[0].token_ids
 

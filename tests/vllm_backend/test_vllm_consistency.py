@@ -24,7 +24,7 @@ from vllm_support import FORCE, ForcedTokens, free_blocks, scheduler_of
 from helpers import memento_case
 from memento.chat import assistant_prefix_ids
 from memento.format import SpecialTokenIds
-from memento.masking import compute_visibility
+from memento.masking import MaskConfig, compute_visibility
 from memento.reference import forward_logits, reference_generate
 from memento.vllm.config import MementoSettings
 from memento.vllm.scheduler import FORMAT_ERROR
@@ -74,7 +74,7 @@ def reference_logprobs(model, tok, cases, settings: MementoSettings) -> list[tor
     specials = SpecialTokenIds.from_tokenizer(tok)
     out = []
     for prompt, forced in cases:
-        vis = compute_visibility(prompt + forced, specials, settings.mask_config(), assistant_prefix_ids(tok))
+        vis = compute_visibility(prompt + forced, specials, settings.mask, assistant_prefix_ids(tok))
         rows = vis.output_rows.copy()
         for ev in vis.events:
             if ev.recompute_start is not None and ev.at < len(prompt):  # rewound inside the prompt
@@ -87,7 +87,7 @@ def reference_logprobs(model, tok, cases, settings: MementoSettings) -> list[tor
 
 @pytest.mark.parametrize("knobs", MODES)
 def test_teacher_forced_logprobs_match_the_dense_mask_forward(make_llm, model, tok, knobs):
-    settings = MementoSettings(**knobs)
+    settings = MementoSettings(mask=MaskConfig.chat(**knobs))
     vocab = model.config.vocab_size
     evictions = 0
     for run, batch, pool in [("batch1", 1, {}), ("batch8", 8, {}), ("preempt", 8, SMALL_POOL)]:
@@ -123,20 +123,20 @@ def test_teacher_forced_logprobs_match_the_dense_mask_forward(make_llm, model, t
         evictions += stats.evictions
         if pool:
             assert stats.recomputes > 0, "the small pool did not force a preemption"
-    assert (evictions > 0) == settings.evicts
+    assert (evictions > 0) == settings.mask.evicts
 
 
 def test_the_check_would_catch_a_missing_eviction(make_llm, model, tok):
     """Guard on the test itself: vLLM without eviction disagrees with the memento reference."""
     rng = random.Random(5)
     cases = cases_for(tok, rng, 2, small=False)
-    llm = make_llm(MementoSettings(keep_last_n=-1), logits_processors=[ForcedTokens])
+    llm = make_llm(MementoSettings(mask=MaskConfig.chat(keep_last_n=-1)), logits_processors=[ForcedTokens])
     params = [
         vllm.SamplingParams(temperature=0, max_tokens=len(f), logprobs=-1, ignore_eos=True, extra_args={FORCE: f})
         for _, f in cases
     ]
     outs = llm.generate([{"prompt_token_ids": p} for p, _ in cases], params, use_tqdm=False)
-    want = reference_logprobs(model, tok, cases, MementoSettings(keep_last_n=0))
+    want = reference_logprobs(model, tok, cases, MementoSettings(mask=MaskConfig.chat(keep_last_n=0)))
     worst = 0.0
     for (prompt, forced), out, ref in zip(cases, outs, want, strict=True):
         got = dense(out.outputs[0].logprobs, model.config.vocab_size)
@@ -158,7 +158,7 @@ GREEDY = [
 @pytest.mark.parametrize("knobs,pool", GREEDY)
 def test_greedy_generation_equals_the_reference_generator(make_llm, model, tok, knobs, pool):
     """Free-running greedy decoding: the reference's tokens, finish reasons and logprobs."""
-    settings = MementoSettings(**knobs)
+    settings = MementoSettings(mask=MaskConfig.chat(**knobs))
     specials = SpecialTokenIds.from_tokenizer(tok)
     prefix = assistant_prefix_ids(tok)
     rng = random.Random(f"greedy-{knobs}")
@@ -171,7 +171,7 @@ def test_greedy_generation_equals_the_reference_generator(make_llm, model, tok, 
         model,
         prompts,
         specials,
-        settings.mask_config(),
+        settings.mask,
         max_new_tokens=max_tokens,
         eos_token_ids=[tok.eos_token_id],
         pad_token_id=tok.pad_token_id,
@@ -187,16 +187,14 @@ def test_greedy_generation_equals_the_reference_generator(make_llm, model, tok, 
         assert (completion.finish_reason, completion.stop_reason) == finishes[ref.finish_reason]
         # the logprob of each chosen token, from the dense-mask forward over what came before it
         tokens = ref.token_ids
-        vis = compute_visibility(
-            prompt + tokens[:-1], specials, settings.mask_config(), prefix, stop_tracking_on_error=True
-        )
+        vis = compute_visibility(prompt + tokens[:-1], specials, settings.mask, prefix, stop_tracking_on_error=True)
         (logits,) = forward_logits(model, [vis], pad_token_id=tok.pad_token_id)
         ref_lp = torch.log_softmax(logits[len(prompt) - 1 :], dim=-1)
         got = torch.tensor([step[t].logprob for step, t in zip(completion.logprobs, tokens, strict=True)])
         assert (got - ref_lp[torch.arange(len(tokens)), torch.tensor(tokens)]).abs().max().item() <= TOLERANCE
     free, total = free_blocks(llm)
     assert free == total
-    if settings.evicts:
+    if settings.mask.evicts:
         assert scheduler_of(llm).memento_stats.evictions > 0
     if pool:
         assert scheduler_of(llm).memento_stats.recomputes > 0
@@ -215,7 +213,9 @@ def test_seeded_sampling_is_independent_of_chunking_and_preemption(make_llm, tok
         prompt, response = memento_case(tok, rng, block_len=(4, 40), units=(2, 3))
         prompts.append(prompt + response[: rng.randint(len(response) // 2, len(response))])
     params = [vllm.SamplingParams(temperature=1.0, top_p=0.95, seed=100 + i, max_tokens=40) for i in range(8)]
-    settings = MementoSettings(keep_last_n=0, stop_on_format_error=False)  # sampled text rarely stays well-formed
+    settings = MementoSettings(
+        mask=MaskConfig.chat(keep_last_n=0), stop_on_format_error=False
+    )  # sampled text rarely stays well-formed
     roomy = make_llm(settings)
     alone = [
         roomy.generate([{"prompt_token_ids": p}], sp, use_tqdm=False)[0] for p, sp in zip(prompts, params, strict=True)

@@ -20,7 +20,7 @@ from memento.chat import assistant_prefix_ids, chat_prompt
 from memento.engine import EngineConfig, LLMEngine
 from memento.engine import SamplingParams as OurParams
 from memento.format import SpecialTokenIds
-from memento.masking import compute_visibility
+from memento.masking import MaskConfig, compute_visibility
 from memento.reference import forward_logits
 from memento.vllm.config import SCHEDULER_CLS, WORKER_CLS, MementoSettings, engine_args
 from memento.vllm.scheduler import FORMAT_ERROR
@@ -103,7 +103,7 @@ def test_a_tokenizer_without_memento_tokens_is_refused(model_dir, tmp_path):
 
 
 def test_a_malformed_prompt_fails_alone(make_llm, tok):
-    llm = make_llm(MementoSettings(keep_last_n=0))
+    llm = make_llm(MementoSettings(mask=MaskConfig.chat(keep_last_n=0)))
     good = ids_of(tok, chat_prompt(tok, "a1") + "<think>\n<|block_start|>ab")
     bad = ids_of(tok, chat_prompt(tok, "a1") + "<think>\n<|summary_end|>")  # a memento end with no memento
     params = vllm.SamplingParams(temperature=0, max_tokens=8)
@@ -120,7 +120,7 @@ def test_a_malformed_prompt_fails_alone(make_llm, tok):
 @pytest.mark.parametrize("strict", [True, False])
 def test_broken_structure_mid_generation(make_llm, model, tok, strict):
     """Strict: stop at the defect (its token included). Lenient: evictions before it stand, then plain."""
-    settings = MementoSettings(keep_last_n=0, stop_on_format_error=strict)
+    settings = MementoSettings(mask=MaskConfig.chat(keep_last_n=0), stop_on_format_error=strict)
     prompt = ids_of(tok, chat_prompt(tok, "x1"))
     good = "<think>\n<|block_start|>ab1<|block_end|><|summary_start|>m<|summary_end|>\n"
     forced = ids_of(tok, good + "<|summary_end|>cd<|block_start|>ef")
@@ -140,7 +140,7 @@ def test_broken_structure_mid_generation(make_llm, model, tok, strict):
         vis = compute_visibility(
             prompt + forced,
             SpecialTokenIds.from_tokenizer(tok),
-            settings.mask_config(),
+            settings.mask,
             assistant_prefix_ids(tok),
             stop_tracking_on_error=True,
         )
@@ -156,13 +156,15 @@ def test_broken_structure_mid_generation(make_llm, model, tok, strict):
 def test_the_block_cap_with_eviction_equals_the_engine(make_llm, model, tok):
     """The cap (a logits processor) forces <|block_end|>; eviction follows; tokens equal our engine's."""
     cap = 6
-    settings = MementoSettings(keep_last_n=0, max_block_tokens=cap)
+    settings = MementoSettings(mask=MaskConfig.chat(keep_last_n=0), max_block_tokens=cap)
     rng = random.Random(11)
     prompts = []
     for _ in range(4):
         prompt, response = memento_case(tok, rng, block_len=(4, 20), units=(1, 2))
         prompts.append(prompt + response)
-    engine = LLMEngine(model, tok, EngineConfig(keep_last_n=0, max_block_tokens=cap, kv_budget_tokens=4096))
+    engine = LLMEngine(
+        model, tok, EngineConfig(mask=MaskConfig.chat(keep_last_n=0), max_block_tokens=cap, kv_budget_tokens=4096)
+    )
     ids = [engine.add_request(p, OurParams(temperature=0, max_tokens=30)) for p in prompts]
     done = {r.request_id: r.outputs[0] for r in engine.run_to_completion()}
     llm = make_llm(settings)
@@ -171,7 +173,7 @@ def test_the_block_cap_with_eviction_equals_the_engine(make_llm, model, tok):
     )
     for rid, out in zip(ids, outs, strict=True):
         assert list(out.outputs[0].token_ids) == done[rid].token_ids
-    uncapped = LLMEngine(model, tok, EngineConfig(keep_last_n=0, kv_budget_tokens=4096))
+    uncapped = LLMEngine(model, tok, EngineConfig(mask=MaskConfig.chat(keep_last_n=0), kv_budget_tokens=4096))
     free_ids = [uncapped.add_request(p, OurParams(temperature=0, max_tokens=30)) for p in prompts]
     free_runs = {r.request_id: r.outputs[0].token_ids for r in uncapped.run_to_completion()}
     assert any(free_runs[f] != done[c].token_ids for f, c in zip(free_ids, ids, strict=True)), "the cap never bit"
@@ -191,7 +193,7 @@ def test_the_block_cap_with_eviction_equals_the_engine(make_llm, model, tok):
 def test_a_mixed_workload_with_aborts_runs_clean(make_llm, tok, knobs):
     """Sampling, n=2, stop strings, logprobs, seeds, a tiny pool and clients that go away mid-run:
     every request ends, nothing crashes, and the KV pool is empty afterwards."""
-    llm = make_llm(MementoSettings(**knobs), num_gpu_blocks_override=13, max_model_len=320, max_num_seqs=16)
+    llm = make_llm(MementoSettings.from_dict(knobs), num_gpu_blocks_override=13, max_model_len=320, max_num_seqs=16)
     engine = llm.llm_engine
     rng = random.Random(str(knobs))
     ids = []

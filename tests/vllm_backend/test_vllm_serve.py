@@ -23,6 +23,7 @@ import pytest
 from helpers import memento_case
 from memento.engine import EngineConfig, LLMEngine
 from memento.engine import SamplingParams as OurParams
+from memento.masking import MaskConfig
 
 MEMENTO = Path(sys.executable).parent / "memento"
 
@@ -89,7 +90,7 @@ def client(server):
 
 
 def engine_tokens(model, tok, prompts, keep: int, max_tokens: int) -> list[list[int]]:
-    engine = LLMEngine(model, tok, EngineConfig(keep_last_n=keep, kv_budget_tokens=4096))
+    engine = LLMEngine(model, tok, EngineConfig(mask=MaskConfig.chat(keep_last_n=keep), kv_budget_tokens=4096))
     ids = [engine.add_request(p, OurParams(temperature=0, max_tokens=max_tokens)) for p in prompts]
     done = {r.request_id: r.outputs[0].token_ids for r in engine.run_to_completion()}
     return [done[i] for i in ids]

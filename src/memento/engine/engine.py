@@ -17,58 +17,50 @@ from typing import Any
 
 import torch
 
-from memento.chat import assistant_prefix_ids
+from memento.chat import tracked_prefix
 from memento.engine.kv_pool import KVGeometry, KVPool
 from memento.engine.model_runner import ModelRunner
 from memento.engine.sampling import SampledToken, SamplingParams, sample_tokens
 from memento.engine.scheduler import Scheduler
 from memento.engine.sequence import KVStats, Sequence
 from memento.format import MementoFormatError, SpecialTokenIds
-from memento.masking import MaskConfig, MementoTracker
+from memento.masking import CHAT_MEMENTO, MaskConfig, MementoTracker, check_block_cap
 from memento.modeling import check_attention_implementation
 
 
 @dataclass
 class EngineConfig:
-    """Engine knobs. The mask knobs are masking.py's (``keep_last_n=-1`` is vanilla: nothing evicted)."""
+    """Engine knobs. ``mask`` is masking.py's whole setting (``keep_last_n=-1`` is vanilla: nothing evicted)."""
 
     kv_budget_tokens: int = 32768
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None  # default: the model's max_position_embeddings
-    keep_last_n: int = 0
-    mask_delimiters: bool = False
-    keep_last_block_for_answer: bool = False
-    restart: bool = False
-    require_assistant_section: bool = True
+    mask: MaskConfig = CHAT_MEMENTO
     assistant_prefix: list[int] | None = None  # default: from the tokenizer's chat template
     max_block_tokens: int | None = None  # force <|block_end|> once a block has this many tokens
     watermark: float = 0.01  # share of the pool kept free when admitting while others run
     keep_logits: bool = False  # keep every sampled step's logits on the outputs (tests, analysis)
     stop_on_format_error: bool | None = None
-    """Finish a sequence whose memento structure breaks (finish_reason "format_error"). Default: yes
-    when blocks are evicted, no in vanilla mode (nothing depends on the structure there, so a vanilla
-    run decodes exactly like HF generate). When not stopping, evictions stop at the defect."""
+    """Finish a sequence whose memento structure breaks (finish_reason "format_error"); default:
+    :meth:`MaskConfig.stops_on_format_error`. When not stopping, evictions stop at the defect."""
 
     def __post_init__(self) -> None:
         for name in ("kv_budget_tokens", "max_num_seqs", "max_num_batched_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.max_block_tokens is not None and self.max_block_tokens < 1:
-            raise ValueError(f"max_block_tokens must be None or >= 1, got {self.max_block_tokens!r}")
+        check_block_cap(self.max_block_tokens)
         if not 0 <= self.watermark < 1:
             raise ValueError(f"watermark must be in [0, 1), got {self.watermark!r}")
-        self.mask_config()  # validates the mask knobs
+        if not isinstance(self.mask, MaskConfig):
+            raise ValueError(f"mask must be a MaskConfig, not {type(self.mask).__name__}")
 
-    def mask_config(self) -> MaskConfig:
-        return MaskConfig(
-            keep_last_n=self.keep_last_n,
-            mask_delimiters=self.mask_delimiters,
-            keep_last_block_for_answer=self.keep_last_block_for_answer,
-            require_assistant_section=self.require_assistant_section,
-            restart=self.restart,
-        )
+    @classmethod
+    def from_options(cls, **options: Any) -> EngineConfig:
+        """From keyword options in which the mask knobs may come loose (``keep_last_n=-1``) or whole (``mask=``)."""
+        mask, rest = CHAT_MEMENTO.split_knobs(options)
+        return cls(mask=mask, **rest)
 
 
 @dataclass
@@ -160,10 +152,9 @@ class LLMEngine:
         )
         self.max_model_len = self.config.max_model_len or int(getattr(model.config, "max_position_embeddings", 1 << 30))
         self.specials = self._special_ids(specials)
-        self.mask = self.config.mask_config()
-        stop = self.config.stop_on_format_error
-        self.stop_on_format_error = self.mask.evicts if stop is None else stop
-        self.assistant_prefix = self._assistant_prefix()
+        self.mask = self.config.mask
+        self.stop_on_format_error = self.mask.stops_on_format_error(self.config.stop_on_format_error)
+        self.assistant_prefix = tracked_prefix(self.mask, self.config.assistant_prefix, self.tokenizer)
         self.eos_token_ids = self._eos_ids()
         self.stats = EngineStats()
         self._requests: dict[str, RequestOutput] = {}
@@ -201,15 +192,6 @@ class LLMEngine:
         if self.tokenizer is None:
             raise ValueError("the engine needs the memento token ids: give it a tokenizer or specials=")
         return SpecialTokenIds.from_tokenizer(self.tokenizer)
-
-    def _assistant_prefix(self) -> list[int] | None:
-        if not self.mask.require_assistant_section:
-            return None
-        if self.config.assistant_prefix:
-            return [int(t) for t in self.config.assistant_prefix]
-        if self.tokenizer is None:
-            raise ValueError("require_assistant_section needs assistant_prefix ids or a tokenizer with a chat template")
-        return assistant_prefix_ids(self.tokenizer)
 
     def _eos_ids(self) -> set[int]:
         ids: set[int] = set()
@@ -505,12 +487,16 @@ class LLMEngine:
 
 
 class LLM:
-    """``LLM(model_dir).generate(prompts, SamplingParams(...))``: the engine in one call."""
+    """``LLM(model_dir).generate(prompts, SamplingParams(...))``: the engine in one call.
+
+    ``config`` are :class:`EngineConfig` fields; the mask knobs may be given loose
+    (``LLM(path, keep_last_n=-1)``) or whole (``mask=MaskConfig(...)``).
+    """
 
     def __init__(self, model: str | Path | Any, tokenizer: Any | None = None, **config: Any) -> None:
         dtype = config.pop("dtype", "auto")
         device = config.pop("device", "cpu")
-        engine_config = EngineConfig(**config)
+        engine_config = EngineConfig.from_options(**config)
         if isinstance(model, str | Path):
             self.engine = LLMEngine.from_pretrained(model, engine_config, dtype=dtype, device=device)
         else:

@@ -13,7 +13,6 @@ wrote; and per run: pass@1 / pass@k / maj@k, throughput and the engine's counter
 
 from __future__ import annotations
 
-import re
 import statistics
 import time
 from collections import Counter
@@ -26,32 +25,21 @@ from memento.eval.grading import Grader, answer_text
 from memento.eval.metrics import accuracy_summary, kv_summary
 from memento.eval.tasks import TaskSet
 from memento.format import SpecialTokenIds
-
-_KEEP = re.compile(r"keep-(\d+)")
+from memento.masking import MaskConfig
 
 
 @dataclass(frozen=True)
 class Mode:
-    """A KV policy for the engine."""
+    """A KV policy for the engine: masking.py's setting under its mode name (:attr:`MaskConfig.mode`)."""
 
     name: str
-    keep_last_n: int
-    restart: bool = False
+    mask: MaskConfig
 
     @classmethod
     def parse(cls, name: str) -> Mode:
-        """``memento``, ``vanilla``, ``restart`` or ``keep-N`` (N >= 1)."""
-        name = name.strip().lower()
-        if name == "memento":
-            return cls(name, 0)
-        if name == "vanilla":
-            return cls(name, -1)
-        if name == "restart":
-            return cls(name, 0, restart=True)
-        match = _KEEP.fullmatch(name)
-        if match and int(match.group(1)) >= 1:
-            return cls(name, int(match.group(1)))
-        raise ValueError(f"unknown mode {name!r}: memento, vanilla, restart or keep-N (N >= 1)")
+        """``memento``, ``vanilla``, ``restart`` or ``keep-N`` (N >= 1), tracked from the assistant's turn."""
+        mask = MaskConfig.from_mode(name, require_assistant_section=True)
+        return cls(mask.mode, mask)
 
 
 @dataclass
@@ -137,8 +125,7 @@ def run_mode(
         EngineConfig(
             kv_budget_tokens=budget,
             max_num_seqs=settings.max_num_seqs,
-            keep_last_n=mode.keep_last_n,
-            restart=mode.restart,
+            mask=mode.mask,
             max_block_tokens=settings.max_block_tokens,
         ),
     )

@@ -10,20 +10,25 @@ Errors are OpenAI error objects: 400 for a body that is not JSON, unknown or inv
 prompt the context or the KV budget cannot hold; 404 for another model name; 429 when too many
 requests are in flight; 503 while shutting down. A client that disconnects (streaming or not) has
 its request aborted, and its KV slots freed, before the engine's next step.
+
+The handlers are module-level functions on :data:`router`; each reads what the routes share (the
+engine, the model's name, the metrics) from ``request.app.state.memento``, the :class:`ServerState`
+that :func:`create_app` attaches.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, generate_latest
@@ -52,7 +57,7 @@ class ApiError(Exception):
         self.status, self.message, self.kind, self.param = status, message, kind, param
 
 
-def _error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
+def _error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None) -> JSONResponse:
     return JSONResponse(error_body(message, kind, param, status), status_code=status)
 
 
@@ -88,7 +93,7 @@ class _EngineCollector:
 
 
 class ServerState:
-    """What the routes share: the engine, the model's name and the metrics."""
+    """What the routes share: the engine, the model's name and the metrics (``app.state.memento``)."""
 
     def __init__(self, async_engine: AsyncEngine, model_name: str, shutdown_timeout: float) -> None:
         self.async_engine = async_engine
@@ -162,286 +167,358 @@ def _usage(output: RequestOutput) -> dict:
     }
 
 
-def _visible_ids(sample, finish_reason: str | None, params: SamplingParams) -> list[int]:
+def _finish_reason(sample: Any) -> str:
+    return FINISH_REASONS.get(sample.finish_reason or "", "stop")
+
+
+def _stop_reason(sample: Any) -> Any:
+    """The stop string or id that ended the sample; ``"format_error"`` when the format checker did."""
+    return sample.stop_reason if sample.finish_reason != "format_error" else "format_error"
+
+
+def _sample_text(tokenizer: Any, sample: Any, params: SamplingParams) -> str:
+    return final_text(tokenizer, sample.token_ids, sample.finish_reason, sample.stop_reason, params)
+
+
+def _logprobs(tokenizer: Any, chat: bool, token_ids: list[int], logprobs: list, tops: list, offset: int = 0) -> dict:
+    """Logprobs in the route's format (``offset``: where the tokens' text starts, for completions)."""
+    if chat:
+        return _chat_logprobs(tokenizer, token_ids, logprobs, tops)
+    return _completion_logprobs(tokenizer, token_ids, logprobs, tops, offset)
+
+
+def _choice(
+    index: int, field: str, content: Any, logprobs: Any = None, finish: str | None = None, **extra: Any
+) -> dict:
+    """One choice: ``field`` is ``text`` (completions), ``message`` (chat) or ``delta`` (chat stream)."""
+    return {"index": index, field: content, "logprobs": logprobs, "finish_reason": finish, **extra}
+
+
+def _stream_choice(
+    index: int,
+    text: str,
+    reasoning: ReasoningStream | None,
+    finish: str | None = None,
+    logprobs: Any = None,
+    **extra: Any,
+) -> dict:
+    """A streamed choice; for chat (``reasoning`` given) the text's delta split into reasoning and answer."""
+    if reasoning is None:
+        return _choice(index, "text", text, logprobs, finish, **extra)
+    reasoning_delta, answer_delta = reasoning.push(text, final=finish is not None)
+    delta: dict[str, Any] = {}
+    if reasoning_delta:
+        delta["reasoning_content"] = reasoning_delta
+    if answer_delta:
+        delta["content"] = answer_delta
+    return _choice(index, "delta", delta, logprobs, finish, **extra)
+
+
+def _envelope(request_id: str, kind: str, created: int, model: str, choices: list[dict], **usage: Any) -> dict:
+    """A response or stream chunk around its choices (``usage`` last, when given)."""
+    return {"id": request_id, "object": kind, "created": created, "model": model, "choices": choices, **usage}
+
+
+def _sse(data: dict) -> str:
+    return f"data: {json.dumps(data)}\n\n"
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _visible_ids(sample: Any, params: SamplingParams) -> list[int]:
     """The sampled ids whose text is returned (a final EOS / stop id is not)."""
-    ids = list(sample.token_ids)
+    ids, finish_reason = list(sample.token_ids), sample.finish_reason
     by_token = finish_reason == "eos" or (finish_reason == "stop" and isinstance(sample.stop_reason, int))
     if ids and by_token and not (finish_reason == "stop" and params.include_stop_str_in_output):
         ids = ids[:-1]
     return ids
 
 
-# -- the app -------------------------------------------------------------------------------------
+# -- generating ----------------------------------------------------------------------------------
+
+
+def _check_model(state: ServerState, name: str | None) -> None:
+    if name is not None and name != state.model_name:
+        raise ApiError(404, f"the model {name!r} does not exist; this server serves {state.model_name!r}", "not_found")
+
+
+def _prepare(state: ServerState, prompt_ids: list[int], params_builder: Callable[[], SamplingParams]) -> SamplingParams:
+    """The request's sampling parameters, checked by the engine; a ValueError from either is a 400."""
+    try:
+        params = params_builder()
+        state.async_engine.validate(prompt_ids, params)
+    except ValueError as err:
+        raise ApiError(400, str(err)) from None
+    return params
+
+
+async def _respond(
+    state: ServerState,
+    request: Request,
+    route: str,
+    prompt_ids: list[int],
+    params: SamplingParams,
+    body: CompletionRequest | ChatCompletionRequest,
+    chat: bool,
+) -> StreamingResponse | dict:
+    """Submit the request, then stream it or wait for the whole response."""
+    try:
+        events = state.async_engine.generate(prompt_ids, params)
+        first = await anext(events)  # raises before any byte is sent when overloaded
+    except EngineOverloaded as err:
+        raise ApiError(429, str(err), "rate_limit_exceeded") from None
+    except EngineUnavailable as err:
+        raise ApiError(503, str(err), "service_unavailable") from None
+    state.prompt_tokens.inc(len(prompt_ids))
+    request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+    response: StreamingResponse | dict
+    if body.stream:
+        stream = _stream(state, request_id, first, events, params, body, chat)
+        response = StreamingResponse(stream, media_type="text/event-stream")
+    else:
+        output = await _collect_unless_gone(request, first, events)
+        if output is None:
+            raise ApiError(499, "the client closed the request", "client_closed")
+        response = _full_response(state, request_id, output, params, chat)
+    state.requests.labels(route, "200").inc()
+    return response
+
+
+async def _collect_unless_gone(
+    request: Request, first: list, events: AsyncGenerator[list, None]
+) -> RequestOutput | None:
+    """The finished output, or None when the client disconnects first (the request is aborted)."""
+    task = asyncio.create_task(_collect(first, events))
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=0.1)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                return None
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+async def _collect(first: list, events: AsyncGenerator[list, None]) -> RequestOutput:
+    """The batches up to the finished output (an engine error is a 400)."""
+    try:
+        batch = first
+        while True:
+            last = batch[-1]
+            if isinstance(last, FinishedEvent):
+                return last.output
+            if isinstance(last, ErrorEvent):
+                raise ApiError(400, last.message)
+            batch = await anext(events)
+    finally:
+        await events.aclose()  # cancelled (client gone): aborts the request in the engine
+
+
+def _full_response(
+    state: ServerState, request_id: str, output: RequestOutput, params: SamplingParams, chat: bool
+) -> dict:
+    tokenizer = state.tokenizer
+    choices = []
+    for sample in output.outputs:
+        text = _sample_text(tokenizer, sample, params)
+        logprobs = None
+        if params.logprobs is not None:
+            ids = _visible_ids(sample, params)
+            n = len(ids)
+            logprobs = _logprobs(tokenizer, chat, ids, sample.logprobs[:n], sample.top_logprobs[:n])
+        if chat:
+            reasoning, answer = split_reasoning(text)
+            field, content = "message", {"role": "assistant", "content": answer, "reasoning_content": reasoning}
+        else:
+            field, content = "text", text
+        choice = _choice(
+            sample.index, field, content, logprobs, _finish_reason(sample), stop_reason=_stop_reason(sample)
+        )
+        choices.append(choice)
+    kind = "chat.completion" if chat else "text_completion"
+    return _envelope(request_id, kind, int(time.time()), state.model_name, choices, usage=_usage(output))
+
+
+async def _stream(
+    state: ServerState,
+    request_id: str,
+    first: list,
+    events: AsyncGenerator[list, None],
+    params: SamplingParams,
+    body: CompletionRequest | ChatCompletionRequest,
+    chat: bool,
+) -> AsyncIterator[str]:
+    """Server-sent events: one chunk per sampled token, a final chunk per sample, [DONE]."""
+    tokenizer = state.tokenizer
+    kind = "chat.completion.chunk" if chat else "text_completion"
+    envelope = functools.partial(_envelope, request_id, kind, int(time.time()), state.model_name)
+    texts = [IncrementalText(tokenizer, params) for _ in range(params.n)]
+    reasoning = [ReasoningStream() if chat else None for _ in range(params.n)]
+    ids: list[list[int]] = [[] for _ in range(params.n)]
+    offsets = [0] * params.n
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    no_usage = {"usage": None} if include_usage else {}
+
+    try:
+        if chat:
+            role = {"role": "assistant", "content": ""}
+            yield _sse(envelope([_choice(i, "delta", role) for i in range(params.n)], **no_usage))
+        batch = first
+        while True:
+            # One chunk per sample per batch: a batch is one engine step, or several when this
+            # stream fell behind (then their tokens go out together).
+            tokens: dict[int, list[TokenEvent]] = {}
+            for event in batch:
+                if isinstance(event, TokenEvent):
+                    tokens.setdefault(event.index, []).append(event)
+            for i, got in tokens.items():
+                ids[i].extend(e.token_id for e in got)
+                delta = texts[i].delta(ids[i], state.eos_ids)
+                logprobs = None
+                if params.logprobs is not None:
+                    shown = [e for e in got if e.token_id not in state.eos_ids | set(params.stop_token_ids)]
+                    one = [e.token_id for e in shown]
+                    lps, tops = [e.sampled.logprob for e in shown], [e.sampled.top_logprobs for e in shown]
+                    logprobs = _logprobs(tokenizer, chat, one, lps, tops, offsets[i])
+                offsets[i] += len(delta)
+                if delta or logprobs is not None:
+                    yield _sse(envelope([_stream_choice(i, delta, reasoning[i], logprobs=logprobs)], **no_usage))
+            last = batch[-1]
+            if isinstance(last, ErrorEvent):
+                yield _sse(error_body(last.message))
+                break
+            if isinstance(last, FinishedEvent):
+                output = last.output
+                for sample in output.outputs:
+                    rest = texts[sample.index].finish(_sample_text(tokenizer, sample, params))
+                    choice = _stream_choice(
+                        sample.index,
+                        rest,
+                        reasoning[sample.index],
+                        _finish_reason(sample),
+                        stop_reason=_stop_reason(sample),
+                    )
+                    yield _sse(envelope([choice], **no_usage))
+                if include_usage:
+                    yield _sse(envelope([], usage=_usage(output)))
+                break
+            batch = await anext(events)
+        yield "data: [DONE]\n\n"
+    finally:
+        await events.aclose()  # a client gone mid-stream: the request is aborted here
+
+
+# -- the routes ------------------------------------------------------------------------------------
+
+router = APIRouter()
+"""The API's routes; :func:`create_app` includes them. The handlers have no return annotation on
+purpose: FastAPI would take it for a response model and re-validate what they return."""
+
+
+def _state(request: Request) -> ServerState:
+    """The state :func:`create_app` attached to the app."""
+    return request.app.state.memento
+
+
+async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """FastAPI's validation errors (a body that is not JSON included) as one OpenAI 400."""
+    problems = []
+    param = None
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+        param = param or where or None
+        problems.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
+    message = "; ".join(problems) or "invalid request"
+    if any(err.get("type") == "json_invalid" for err in exc.errors()):
+        message = f"the body is not valid JSON ({message})"
+    return await _api_error(request, ApiError(400, message, param=param))
+
+
+async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+    """An :class:`ApiError` as an OpenAI error object, counted by route and status."""
+    _state(request).requests.labels(request.url.path, str(exc.status)).inc()
+    return _error(exc.status, exc.message, exc.kind, exc.param)
+
+
+@router.get("/health")
+async def health(request: Request):
+    async_engine = _state(request).async_engine
+    if async_engine.error is not None:
+        return _error(503, f"engine failure: {async_engine.error}", "service_unavailable")
+    return {"status": "ok" if async_engine.accepting else "draining"}
+
+
+@router.get("/metrics")
+async def metrics(request: Request):
+    return PlainTextResponse(generate_latest(_state(request).registry).decode(), media_type="text/plain; version=0.0.4")
+
+
+@router.get("/v1/models")
+async def models(request: Request):
+    state = _state(request)
+    engine = state.async_engine.engine
+    card = {
+        "id": state.model_name,
+        "object": "model",
+        "created": state.created,
+        "owned_by": "memento",
+        "max_model_len": engine.max_model_len,
+        "kv_budget_tokens": engine.pool.capacity,
+        "keep_last_n": engine.config.mask.keep_last_n,
+    }
+    return {"object": "list", "data": [card]}
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request):
+    state = _state(request)
+    _check_model(state, body.model)
+    prompt_ids = _encode(state.tokenizer, body.prompt) if isinstance(body.prompt, str) else body.prompt
+    params = _prepare(state, prompt_ids, lambda: body.sampling_params(body.max_tokens or 16, body.logprobs))
+    return await _respond(state, request, "/v1/completions", prompt_ids, params, body, chat=False)
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request):
+    state = _state(request)
+    _check_model(state, body.model)
+    tokenizer = state.tokenizer
+    if not getattr(tokenizer, "chat_template", None):
+        raise ApiError(400, "this model's tokenizer has no chat template: use /v1/completions")
+    text = tokenizer.apply_chat_template(body.chat_messages(), tokenize=False, add_generation_prompt=True)
+    prompt_ids = _encode(tokenizer, text)
+    room = state.async_engine.engine.max_model_len - len(prompt_ids)
+    max_tokens = body.max_completion_tokens or body.max_tokens or max(room, 1)
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    params = _prepare(state, prompt_ids, lambda: body.sampling_params(max_tokens, logprobs))
+    return await _respond(state, request, "/v1/chat/completions", prompt_ids, params, body, chat=True)
+
+
+# -- the app ---------------------------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Serve; on shutdown let the requests in flight finish (up to the timeout), then stop the engine."""
+    yield
+    state: ServerState = app.state.memento
+    await state.async_engine.drain(state.shutdown_timeout)
+    state.async_engine.stop()
 
 
 def create_app(async_engine: AsyncEngine, model_name: str, shutdown_timeout: float = 30.0) -> FastAPI:
     """The FastAPI app; the engine thread is already running, the app stops it on shutdown."""
-    state = ServerState(async_engine, model_name, shutdown_timeout)
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        yield
-        await async_engine.drain(state.shutdown_timeout)
-        async_engine.stop()
-
-    app = FastAPI(title="memento", lifespan=lifespan)
-    app.state.memento = state
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError):
-        problems = []
-        param = None
-        for err in exc.errors():
-            where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
-            param = param or where or None
-            problems.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
-        message = "; ".join(problems) or "invalid request"
-        if any(err.get("type") == "json_invalid" for err in exc.errors()):
-            message = f"the body is not valid JSON ({message})"
-        state.requests.labels(request.url.path, "400").inc()
-        return _error(400, message, param=param)
-
-    @app.exception_handler(ApiError)
-    async def _api_error(request: Request, exc: ApiError):
-        state.requests.labels(request.url.path, str(exc.status)).inc()
-        return _error(exc.status, exc.message, exc.kind, exc.param)
-
-    @app.get("/health")
-    async def health():
-        if async_engine.error is not None:
-            return _error(503, f"engine failure: {async_engine.error}", "service_unavailable")
-        return {"status": "ok" if async_engine.accepting else "draining"}
-
-    @app.get("/metrics")
-    async def metrics():
-        return PlainTextResponse(generate_latest(state.registry).decode(), media_type="text/plain; version=0.0.4")
-
-    @app.get("/v1/models")
-    async def models():
-        engine = async_engine.engine
-        card = {
-            "id": model_name,
-            "object": "model",
-            "created": state.created,
-            "owned_by": "memento",
-            "max_model_len": engine.max_model_len,
-            "kv_budget_tokens": engine.pool.capacity,
-            "keep_last_n": engine.config.keep_last_n,
-        }
-        return {"object": "list", "data": [card]}
-
-    def _check_model(name: str | None) -> None:
-        if name is not None and name != model_name:
-            raise ApiError(404, f"the model {name!r} does not exist; this server serves {model_name!r}", "not_found")
-
-    def _prepare(prompt_ids: list[int], params_builder) -> SamplingParams:
-        try:
-            params = params_builder()
-            async_engine.validate(prompt_ids, params)
-        except ValueError as err:
-            raise ApiError(400, str(err)) from None
-        return params
-
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request):
-        _check_model(body.model)
-        tokenizer = state.tokenizer
-        prompt_ids = (
-            tokenizer(body.prompt, add_special_tokens=False)["input_ids"]
-            if isinstance(body.prompt, str)
-            else body.prompt
-        )
-        params = _prepare(prompt_ids, lambda: body.sampling_params(body.max_tokens or 16, body.logprobs))
-        return await _respond(request, "/v1/completions", prompt_ids, params, body, chat=False)
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: Request):
-        _check_model(body.model)
-        tokenizer = state.tokenizer
-        if not getattr(tokenizer, "chat_template", None):
-            raise ApiError(400, "this model's tokenizer has no chat template: use /v1/completions")
-        text = tokenizer.apply_chat_template(body.chat_messages(), tokenize=False, add_generation_prompt=True)
-        prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        room = async_engine.engine.max_model_len - len(prompt_ids)
-        max_tokens = body.max_completion_tokens or body.max_tokens or max(room, 1)
-        logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        params = _prepare(prompt_ids, lambda: body.sampling_params(max_tokens, logprobs))
-        return await _respond(request, "/v1/chat/completions", prompt_ids, params, body, chat=True)
-
-    async def _respond(request: Request, route: str, prompt_ids, params, body, chat: bool):
-        try:
-            events = async_engine.generate(prompt_ids, params)
-            first = await anext(events)  # raises before any byte is sent when overloaded
-        except EngineOverloaded as err:
-            raise ApiError(429, str(err), "rate_limit_exceeded") from None
-        except EngineUnavailable as err:
-            raise ApiError(503, str(err), "service_unavailable") from None
-        state.prompt_tokens.inc(len(prompt_ids))
-        request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        if body.stream:
-            state.requests.labels(route, "200").inc()
-            stream = _stream(request_id, first, events, params, body, chat)
-            return StreamingResponse(stream, media_type="text/event-stream")
-        output = await _collect_unless_gone(request, first, events)
-        if output is None:
-            raise ApiError(499, "the client closed the request", "client_closed")
-        state.requests.labels(route, "200").inc()
-        return _full_response(request_id, output, params, chat)
-
-    async def _collect_unless_gone(request: Request, first, events) -> RequestOutput | None:
-        """The finished output, or None when the client disconnects first (the request is aborted)."""
-        task = asyncio.create_task(_collect(first, events))
-        try:
-            while True:
-                done, _ = await asyncio.wait({task}, timeout=0.1)
-                if done:
-                    return task.result()
-                if await request.is_disconnected():
-                    return None
-        finally:
-            if not task.done():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-
-    async def _collect(first: list, events) -> RequestOutput | None:
-        try:
-            batch = first
-            while True:
-                last = batch[-1]
-                if isinstance(last, FinishedEvent):
-                    return last.output
-                if isinstance(last, ErrorEvent):
-                    raise ApiError(400, last.message)
-                batch = await anext(events)
-        finally:
-            await events.aclose()  # cancelled (client gone): aborts the request in the engine
-
-    def _full_response(request_id: str, output: RequestOutput, params: SamplingParams, chat: bool) -> dict:
-        tokenizer = state.tokenizer
-        choices = []
-        for sample in output.outputs:
-            text = final_text(tokenizer, sample.token_ids, sample.finish_reason, sample.stop_reason, params)
-            finish = FINISH_REASONS.get(sample.finish_reason or "", "stop")
-            ids = _visible_ids(sample, sample.finish_reason, params)
-            stop_reason = sample.stop_reason if sample.finish_reason != "format_error" else "format_error"
-            if chat:
-                reasoning, answer = split_reasoning(text)
-                choice = {
-                    "index": sample.index,
-                    "message": {"role": "assistant", "content": answer, "reasoning_content": reasoning},
-                    "logprobs": None,
-                    "finish_reason": finish,
-                    "stop_reason": stop_reason,
-                }
-                if params.logprobs is not None:
-                    n = len(ids)
-                    choice["logprobs"] = _chat_logprobs(tokenizer, ids, sample.logprobs[:n], sample.top_logprobs[:n])
-            else:
-                choice = {
-                    "index": sample.index,
-                    "text": text,
-                    "logprobs": None,
-                    "finish_reason": finish,
-                    "stop_reason": stop_reason,
-                }
-                if params.logprobs is not None:
-                    n = len(ids)
-                    choice["logprobs"] = _completion_logprobs(
-                        tokenizer, ids, sample.logprobs[:n], sample.top_logprobs[:n], 0
-                    )
-            choices.append(choice)
-        return {
-            "id": request_id,
-            "object": "chat.completion" if chat else "text_completion",
-            "created": int(time.time()),
-            "model": model_name,
-            "choices": choices,
-            "usage": _usage(output),
-        }
-
-    async def _stream(request_id, first, events, params: SamplingParams, body, chat: bool) -> AsyncIterator[str]:
-        """Server-sent events: one chunk per sampled token, a final chunk per sample, [DONE]."""
-        tokenizer = state.tokenizer
-        created = int(time.time())
-        kind = "chat.completion.chunk" if chat else "text_completion"
-        texts = [IncrementalText(tokenizer, params) for _ in range(params.n)]
-        reasoning = [ReasoningStream() for _ in range(params.n)]
-        ids: list[list[int]] = [[] for _ in range(params.n)]
-        offsets = [0] * params.n
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-
-        def chunk(choices: list[dict], usage: dict | None = None) -> str:
-            data: dict[str, Any] = {
-                "id": request_id,
-                "object": kind,
-                "created": created,
-                "model": model_name,
-                "choices": choices,
-            }
-            if include_usage:
-                data["usage"] = usage
-            return f"data: {json.dumps(data)}\n\n"
-
-        def choice(index: int, text: str, finish: str | None = None, logprobs: Any = None, **extra) -> dict:
-            if chat:
-                r_delta, a_delta = reasoning[index].push(text, final=finish is not None)
-                delta: dict[str, Any] = {}
-                if r_delta:
-                    delta["reasoning_content"] = r_delta
-                if a_delta:
-                    delta["content"] = a_delta
-                return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish, **extra}
-            return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish, **extra}
-
-        try:
-            if chat:
-                role = {"role": "assistant", "content": ""}
-                opening = [
-                    {"index": i, "delta": role, "logprobs": None, "finish_reason": None} for i in range(params.n)
-                ]
-                yield chunk(opening)
-            batch = first
-            while True:
-                # One chunk per sample per batch: a batch is one engine step, or several when this
-                # stream fell behind (then their tokens go out together).
-                tokens: dict[int, list[TokenEvent]] = {}
-                for event in batch:
-                    if isinstance(event, TokenEvent):
-                        tokens.setdefault(event.index, []).append(event)
-                for i, got in tokens.items():
-                    ids[i].extend(e.token_id for e in got)
-                    delta = texts[i].delta(ids[i], state.eos_ids)
-                    logprobs = None
-                    if params.logprobs is not None:
-                        shown = [e for e in got if e.token_id not in state.eos_ids | set(params.stop_token_ids)]
-                        one = [e.token_id for e in shown]
-                        lps, tops = [e.sampled.logprob for e in shown], [e.sampled.top_logprobs for e in shown]
-                        if chat:
-                            logprobs = _chat_logprobs(tokenizer, one, lps, tops)
-                        else:
-                            logprobs = _completion_logprobs(tokenizer, one, lps, tops, offsets[i])
-                    offsets[i] += len(delta)
-                    if delta or logprobs is not None:
-                        yield chunk([choice(i, delta, logprobs=logprobs)])
-                last = batch[-1]
-                if isinstance(last, ErrorEvent):
-                    yield f"data: {json.dumps(error_body(last.message))}\n\n"
-                    break
-                if isinstance(last, FinishedEvent):
-                    output = last.output
-                    for sample in output.outputs:
-                        text = final_text(tokenizer, sample.token_ids, sample.finish_reason, sample.stop_reason, params)
-                        rest = texts[sample.index].finish(text)
-                        finish = FINISH_REASONS.get(sample.finish_reason or "", "stop")
-                        stop_reason = sample.stop_reason if sample.finish_reason != "format_error" else "format_error"
-                        yield chunk([choice(sample.index, rest, finish, stop_reason=stop_reason)])
-                    if include_usage:
-                        yield chunk([], _usage(output))
-                    break
-                batch = await anext(events)
-            yield "data: [DONE]\n\n"
-        finally:
-            await events.aclose()  # a client gone mid-stream: the request is aborted here
-
+    app = FastAPI(
+        title="memento",
+        lifespan=_lifespan,
+        exception_handlers={RequestValidationError: _invalid_request, ApiError: _api_error},
+    )
+    app.state.memento = ServerState(async_engine, model_name, shutdown_timeout)
+    app.include_router(router)
     return app

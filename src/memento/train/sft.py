@@ -21,9 +21,9 @@ from typing import Any
 
 import torch
 
-from memento.chat import assistant_prefix_ids
+from memento.chat import tracked_prefix
 from memento.format import SpecialTokenIds
-from memento.masking import MaskConfig
+from memento.masking import CHAT_MEMENTO, MaskConfig
 from memento.modeling import check_attention_implementation
 from memento.train.collate import MementoCollator, tokenize_example
 
@@ -51,17 +51,9 @@ class SFTSettings:
     save_total_limit: int = 2
     seed: int = 42
     max_length: int | None = None
-    keep_last_n: int = 0
-    mask_delimiters: bool = False
-    require_assistant_section: bool = True
+    mask: MaskConfig = CHAT_MEMENTO
+    """Stage 2's mask (stage 1 is full causal attention)."""
     extra: dict[str, Any] = field(default_factory=dict)  # passed on to TrainingArguments
-
-    def mask_config(self) -> MaskConfig:
-        return MaskConfig(
-            keep_last_n=self.keep_last_n,
-            mask_delimiters=self.mask_delimiters,
-            require_assistant_section=self.require_assistant_section,
-        )
 
 
 def prepare_examples(
@@ -99,8 +91,8 @@ def make_collator(model: Any, tokenizer: Any, stage: int, settings: SFTSettings)
         raise ValueError(f"stage must be 1 or 2, not {stage!r}")
     impl = check_attention_implementation(model)
     specials = SpecialTokenIds.from_tokenizer(tokenizer)
-    config = settings.mask_config() if stage == 2 else None
-    prefix = assistant_prefix_ids(tokenizer) if config is not None and config.require_assistant_section else None
+    config = settings.mask if stage == 2 else None
+    prefix = tracked_prefix(config, None, tokenizer) if config is not None else None
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     dtype = next(model.parameters()).dtype
     return MementoCollator(
@@ -206,7 +198,7 @@ def train_stage(
     summary = {
         "stage": stage,
         "attention": "full causal" if stage == 1 else "memento mask",
-        "mask_config": asdict(settings.mask_config()) if stage == 2 else None,
+        "mask_config": asdict(settings.mask) if stage == 2 else None,
         "best_checkpoint": trainer.state.best_model_checkpoint,
         "best_eval_loss": trainer.state.best_metric,
         "global_step": trainer.state.global_step,

@@ -9,10 +9,10 @@ builds the keyword arguments that switch the backend on for ``vllm.LLM(...)`` / 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
-from memento.masking import MaskConfig
+from memento.masking import CHAT_MEMENTO, MASK_KNOBS, MaskConfig, check_block_cap
 
 SCHEDULER_CLS = "memento.vllm.scheduler.MementoScheduler"
 WORKER_CLS = "memento.vllm.worker.MementoCPUWorker"
@@ -23,56 +23,44 @@ PLAN_ATTR = "memento_plan"
 
 @dataclass(frozen=True)
 class MementoSettings:
-    """The masking knobs (masking.py's, same defaults as the embedded engine) and the block cap."""
+    """The mask (masking.py's :class:`MaskConfig`, same default as the embedded engine) and the block cap.
 
-    keep_last_n: int = 0
-    mask_delimiters: bool = False
-    keep_last_block_for_answer: bool = False
-    restart: bool = False
-    require_assistant_section: bool = True
+    In ``additional_config["memento"]`` the mask knobs are flat keys beside the others
+    (``{"keep_last_n": 1, "max_block_tokens": 64}``): :meth:`from_dict` / :meth:`to_dict`.
+    """
+
+    mask: MaskConfig = CHAT_MEMENTO
     assistant_prefix: tuple[int, ...] | None = None
     """Token ids that open the assistant turn; default: read off the tokenizer's chat template."""
     max_block_tokens: int | None = None
     """Force ``<|block_end|>`` once a block holds this many tokens (memento.vllm.logits)."""
     stop_on_format_error: bool | None = None
-    """Stop a request whose memento structure breaks (default: when blocks are evicted)."""
+    """Stop a request whose memento structure breaks (default: :meth:`MaskConfig.stops_on_format_error`)."""
 
     def __post_init__(self) -> None:
-        self.mask_config()  # validates the mask knobs with masking.py's messages
-        cap = self.max_block_tokens
-        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
-            raise ValueError(f"max_block_tokens must be a positive integer, got {self.max_block_tokens!r}")
-
-    def mask_config(self) -> MaskConfig:
-        return MaskConfig(
-            keep_last_n=self.keep_last_n,
-            mask_delimiters=self.mask_delimiters,
-            keep_last_block_for_answer=self.keep_last_block_for_answer,
-            require_assistant_section=self.require_assistant_section,
-            restart=self.restart,
-        )
-
-    @property
-    def evicts(self) -> bool:
-        return self.keep_last_n >= 0
+        if not isinstance(self.mask, MaskConfig):
+            raise ValueError(f"mask must be a MaskConfig, not {type(self.mask).__name__}")
+        check_block_cap(self.max_block_tokens)
 
     @property
     def strict(self) -> bool:
         """Whether a structure defect stops the request (else tracking stops at the defect)."""
-        return self.evicts if self.stop_on_format_error is None else self.stop_on_format_error
+        return self.mask.stops_on_format_error(self.stop_on_format_error)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any] | None) -> MementoSettings:
-        raw = dict(raw or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(raw) - known)
+        mask, rest = CHAT_MEMENTO.split_knobs(dict(raw or {}))
+        rest.pop("mask", None)
+        known = [f.name for f in fields(cls) if f.name != "mask"]
+        unknown = sorted(set(rest) - set(known))
         if unknown:
             raise ValueError(
-                f"unknown memento setting(s) {unknown} in additional_config['memento']; known: {sorted(known)}"
+                f"unknown memento setting(s) {unknown} in additional_config['memento']; "
+                f"known: {sorted([*known, *MASK_KNOBS])}"
             )
-        if raw.get("assistant_prefix") is not None:
-            raw["assistant_prefix"] = tuple(int(t) for t in raw["assistant_prefix"])
-        return cls(**raw)
+        if rest.get("assistant_prefix") is not None:
+            rest["assistant_prefix"] = tuple(int(t) for t in rest["assistant_prefix"])
+        return cls(mask=mask, **rest)
 
     @classmethod
     def from_vllm_config(cls, vllm_config: Any) -> MementoSettings:
@@ -80,9 +68,12 @@ class MementoSettings:
         return cls.from_dict(extra.get(CONFIG_KEY) if isinstance(extra, dict) else None)
 
     def to_dict(self) -> dict[str, Any]:
-        out = {k: v for k, v in asdict(self).items() if v != getattr(MementoSettings, k)}
-        if "assistant_prefix" in out:
-            out["assistant_prefix"] = list(out["assistant_prefix"])
+        """The settings that differ from the defaults, flat (the JSON form :meth:`from_dict` reads)."""
+        out: dict[str, Any] = self.mask.changed_knobs(CHAT_MEMENTO)
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name != "mask" and value != f.default:
+                out[f.name] = list(value) if f.name == "assistant_prefix" else value
         return out
 
 

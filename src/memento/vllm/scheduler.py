@@ -33,7 +33,7 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
 from vllm.v1.request import Request, RequestStatus
 
-from memento.chat import assistant_prefix_ids
+from memento.chat import tracked_prefix
 from memento.format import MementoFormatError, SpecialTokenIds
 from memento.masking import MementoTracker
 from memento.vllm.config import PLAN_ATTR, SCHEDULER_CLS, WORKER_CLS, MementoSettings, names_subclass
@@ -159,19 +159,14 @@ def load_specials_and_prefix(vllm_config: Any, settings: MementoSettings) -> tup
             f"tokens ({err}). Serve a memento model (trained with the four special tokens), point --tokenizer at "
             "its tokenizer, or run without the memento scheduler/worker classes."
         ) from None
-    prefix: list[int] | None = None
-    if settings.require_assistant_section:
-        if settings.assistant_prefix:
-            prefix = list(settings.assistant_prefix)
-        else:
-            try:
-                prefix = assistant_prefix_ids(tokenizer)
-            except Exception as err:
-                raise ValueError(
-                    "memento's vLLM backend cannot start: require_assistant_section needs the ids that open "
-                    f"the assistant turn, and the tokenizer's chat template gives none ({err}). Set "
-                    "assistant_prefix in additional_config['memento'], or require_assistant_section=false."
-                ) from None
+    try:
+        prefix = tracked_prefix(settings.mask, settings.assistant_prefix, tokenizer)
+    except Exception as err:
+        raise ValueError(
+            "memento's vLLM backend cannot start: require_assistant_section needs the ids that open "
+            f"the assistant turn, and the tokenizer's chat template gives none ({err}). Set "
+            "assistant_prefix in additional_config['memento'], or require_assistant_section=false."
+        ) from None
     return specials, prefix
 
 
@@ -182,7 +177,7 @@ class MementoScheduler(Scheduler):
         self.memento = MementoSettings.from_vllm_config(vllm_config)
         check_engine_config(vllm_config, kv_cache_config)
         self._specials, self._assistant_prefix = load_specials_and_prefix(vllm_config, self.memento)
-        self._mask = self.memento.mask_config()
+        self._mask = self.memento.mask
         super().__init__(vllm_config, kv_cache_config, *args, **kwargs)
         self._states: dict[str, RequestEvictions] = {}
         self.kv_cache_manager = PhysicalKVCacheManager(self.kv_cache_manager, self._states)
@@ -204,7 +199,7 @@ class MementoScheduler(Scheduler):
 
     def add_request(self, request: Request) -> None:
         # Vanilla mode tracks nothing unless asked to stop on broken structure.
-        if (self.memento.evicts or self.memento.strict) and request.request_id not in self.requests:
+        if (self.memento.mask.evicts or self.memento.strict) and request.request_id not in self.requests:
             state = self._new_state()
             if request.prompt_token_ids is None:
                 self._rejected[request.request_id] = "the memento backend needs token ids, not prompt embeddings"
