@@ -337,12 +337,12 @@ def test_token_roles_and_ticks() -> None:
 
 
 def test_mask_summary_and_image_agree_with_the_dense_mask() -> None:
-    from memento.viz import HIDDEN_COLOUR, ROLE_COLOURS, Role, _rgb, live_kv, mask_image, mask_summary, row_roles
+    from memento.viz import HIDDEN_COLOUR, ROLE_COLOURS, Role, _rgb, mask_image, mask_summary, row_roles
 
     trace = MementoTrace.new("", [(" a b ", " m "), (" c ", " n ")], "ok")
     _, ids, vis = _visibility(trace)
     dense = vis.dense().numpy()
-    np.testing.assert_array_equal(live_kv(vis), dense.sum(axis=1))
+    np.testing.assert_array_equal(vis.live_kv(), dense.sum(axis=1))
     summary = mask_summary(vis)
     n = len(ids)
     assert summary["tokens"] == summary["rows"] == n == 23

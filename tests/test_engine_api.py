@@ -19,7 +19,7 @@ from memento.engine import LLM, EngineConfig, KVGeometry, LLMEngine, SamplingPar
 from memento.engine import engine as engine_module
 from memento.engine.sampling import SampledToken, _truncate, sample_tokens
 from memento.format import SpecialTokenIds
-from memento.masking import MaskConfig
+from memento.masking import BlockCap, MaskConfig
 from memento.modeling import build_tiny_model
 from memento.reference import reference_generate
 from memento.tiny_tokenizer import build_tiny_tokenizer
@@ -756,22 +756,23 @@ def test_block_cap_forces_block_end(tok, specials, model, monkeypatch) -> None:
     assert out.token_ids == [bs, a, a, a, ss] and out.finish_reason == "format_error" and out.error
 
 
-def test_block_cap_state_tracking(tok, specials, model) -> None:
-    engine = LLMEngine(model, tok, EngineConfig(max_block_tokens=2))
-    engine.add_request(ids(tok, chat_prompt(tok, "x")), greedy(3))
-    (seq,) = engine._sequences["0"]
+def test_block_cap_state_tracking(tok, specials) -> None:
+    cap = BlockCap(specials, 2)
+    cap.feed(ids(tok, chat_prompt(tok, "x")))
     a = ids(tok, "a")[0]
-    assert not engine._block_cap_reached(seq)
-    engine._track_block(seq, specials.block_start)
-    assert seq.block_open and seq.block_tokens == 0 and not engine._block_cap_reached(seq)
-    engine._track_block(seq, a)
-    assert not engine._block_cap_reached(seq)
-    engine._track_block(seq, a)
-    assert seq.block_tokens == 2 and engine._block_cap_reached(seq)
-    engine._track_block(seq, specials.block_end)
-    assert not seq.block_open and not engine._block_cap_reached(seq)
-    engine._track_block(seq, a)
-    assert seq.block_tokens == 2 and not engine._block_cap_reached(seq), "plain text outside a block is not capped"
+    assert not cap.must_end
+    cap.feed([specials.block_start])
+    assert cap.open and cap.length == 0 and not cap.must_end
+    cap.feed([a])
+    assert not cap.must_end
+    cap.feed([a])
+    assert cap.length == 2 and cap.must_end
+    cap.feed([specials.block_end])
+    assert not cap.open and not cap.must_end
+    cap.feed([a])
+    assert cap.length == 2 and not cap.must_end, "plain text outside a block is not capped"
+    with pytest.raises(ValueError, match="max_block_tokens must be a positive integer"):
+        BlockCap(specials, 0)
 
 
 def test_block_cap_applies_to_a_block_opened_in_the_prompt(tok, specials, model, monkeypatch) -> None:

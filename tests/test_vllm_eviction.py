@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from memento.format import MementoFormatError
-from memento.masking import MaskConfig, MementoTracker, Visibility, compute_visibility
+from memento.masking import MaskConfig, SequenceTracker, Visibility, compute_visibility
 from memento.vllm.eviction import Compaction, RequestEvictions
 from strategies import examples, mask_cases
 
@@ -51,7 +51,7 @@ def simulate(ids, specials, config: MaskConfig, prefix, prompt_len: int, rng: ra
     vis = compute_visibility(ids, specials, config, prefix)
     copies = copy_rows(vis)
     row_of = vis.output_rows
-    state = RequestEvictions(lambda: MementoTracker(specials, config, prefix))
+    state = RequestEvictions(SequenceTracker(specials, config, prefix, stop_on_format_error=True))
     state.feed(ids[:prompt_len])
     known, computed, kv = prompt_len, 0, []
     recompute: tuple[int, int] | None = None  # (event at, memento start) while its copy is computed
@@ -107,7 +107,7 @@ def test_a_block_evicted_in_decode_slides_its_memento_down():
 
     sp = SpecialTokenIds(block_start=1, block_end=2, summary_start=3, summary_end=4)
     ids = [9, 9, 1, 7, 7, 7, 2, 3, 8, 4, 9]  # prompt 2, block 7 7 7, memento 8
-    state = RequestEvictions(lambda: MementoTracker(sp, MaskConfig(keep_last_n=0)))
+    state = RequestEvictions(SequenceTracker(sp, MaskConfig(keep_last_n=0), stop_on_format_error=True))
     state.feed(ids[:9])
     assert state.next_stop(0) is None  # nothing closes inside these tokens
     state.feed([4])  # <|summary_end|> sampled at position 9
@@ -125,7 +125,7 @@ def test_restart_rewinds_to_the_memento():
 
     sp = SpecialTokenIds(block_start=1, block_end=2, summary_start=3, summary_end=4)
     ids = [9, 1, 7, 7, 2, 3, 8, 8, 4]
-    state = RequestEvictions(lambda: MementoTracker(sp, MaskConfig(keep_last_n=0, restart=True)))
+    state = RequestEvictions(SequenceTracker(sp, MaskConfig(keep_last_n=0, restart=True), stop_on_format_error=True))
     state.feed(ids)
     applied = state.apply_due(8)
     assert applied.compaction == Compaction(moves=(), num_tokens=1)  # only the prompt token stays
@@ -138,7 +138,7 @@ def test_a_chunk_that_ran_past_an_eviction_is_an_error():
     from memento.format import SpecialTokenIds
 
     sp = SpecialTokenIds(block_start=1, block_end=2, summary_start=3, summary_end=4)
-    state = RequestEvictions(lambda: MementoTracker(sp, MaskConfig(keep_last_n=0)))
+    state = RequestEvictions(SequenceTracker(sp, MaskConfig(keep_last_n=0), stop_on_format_error=True))
     state.feed([1, 7, 2, 3, 8, 4, 9])
     with pytest.raises(RuntimeError, match="eviction missed"):
         state.apply_due(6)
@@ -148,12 +148,12 @@ def test_broken_structure_raises_or_stops_tracking():
     from memento.format import SpecialTokenIds
 
     sp = SpecialTokenIds(block_start=1, block_end=2, summary_start=3, summary_end=4)
-    strict = RequestEvictions(lambda: MementoTracker(sp, MaskConfig(keep_last_n=0)))
+    strict = RequestEvictions(SequenceTracker(sp, MaskConfig(keep_last_n=0), stop_on_format_error=True))
     with pytest.raises(MementoFormatError):
         strict.feed([1, 7, 2, 3, 8, 4, 4])
-    lenient = RequestEvictions(lambda: MementoTracker(sp, MaskConfig(keep_last_n=0)), stop_on_format_error=False)
+    lenient = RequestEvictions(SequenceTracker(sp, MaskConfig(keep_last_n=0), stop_on_format_error=False))
     lenient.feed([1, 7, 2, 3, 8, 4, 4, 1, 7, 2, 3, 8, 4])  # the second <|summary_end|> in a row is the defect
-    assert lenient.structure_error is not None and lenient.structure_error.position == 6
+    assert lenient.tracker.structure_error is not None and lenient.tracker.structure_error.position == 6
     assert [ev.at for ev in lenient.pending] == [5]  # evictions before the defect stand; none after
 
 
@@ -161,6 +161,6 @@ def test_final_shift_counts_pending_events():
     from memento.format import SpecialTokenIds
 
     sp = SpecialTokenIds(block_start=1, block_end=2, summary_start=3, summary_end=4)
-    state = RequestEvictions(lambda: MementoTracker(sp, MaskConfig(keep_last_n=0)))
+    state = RequestEvictions(SequenceTracker(sp, MaskConfig(keep_last_n=0), stop_on_format_error=True))
     state.feed(np.array([1, 7, 7, 2, 3, 8, 4, 1, 7, 2, 3, 8, 4]))
     assert state.shift == 0 and state.final_shift() == 3

@@ -38,7 +38,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -210,9 +210,24 @@ class EvictionEvent:
 
     @property
     def recompute(self) -> range:
+        """Restart: the memento, fed again without its block (empty otherwise)."""
         if self.recompute_start is None or self.recompute_stop is None:
             return range(0)
         return range(self.recompute_start, self.recompute_stop)
+
+    @property
+    def dropped(self) -> range:
+        """The tokens whose KV is gone for good: the evicted span less the memento a restart recomputes."""
+        if self.recompute_start is not None:
+            return range(self.start, self.recompute_start)
+        return self.evicted
+
+    @property
+    def rewind_to(self) -> int | None:
+        """Restart, for an engine that keeps one KV entry per token (vLLM): drop everything from the
+        block on and resume feeding at the memento's first token, so its KV is recomputed without the
+        block. The expanded rows of :class:`RowLayout` are the same decision for a row-keyed engine."""
+        return self.recompute_start
 
 
 class MementoTracker:
@@ -347,18 +362,233 @@ class MementoTracker:
 
 
 # ----------------------------------------------------------------------------------------------
+# Incremental consumers: what an engine asks as tokens arrive
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvictionCount:
+    """Evictions and evicted tokens, each eviction counted once even when a preemption replays it.
+
+    Events come in order of ``at``; a replay after a reset repeats ``at`` values already seen.
+    """
+
+    evictions: int = 0
+    evicted_tokens: int = 0
+    _last_at: int = -1
+
+    def add(self, events: Iterable[EvictionEvent]) -> None:
+        for event in events:
+            if event.at > self._last_at:
+                self.evictions += 1
+                self.evicted_tokens += len(event.evicted)
+                self._last_at = event.at
+
+
+class SequenceTracker:
+    """One sequence's eviction events as its tokens arrive, with the format-error policy applied.
+
+    ``feed`` returns the events to apply before the tokens it was given are fed to the model.
+    A malformed structure raises :class:`MementoFormatError` when ``stop_on_format_error`` (see
+    :meth:`MaskConfig.stops_on_format_error` for the default); otherwise tracking stops at the
+    defect: the evictions decided before it stand, and nothing from it on is tracked. ``reset``
+    (a preemption: all KV gone) starts over; ``count`` keeps counting each eviction once.
+    """
+
+    def __init__(
+        self,
+        specials: SpecialTokenIds,
+        config: MaskConfig = MEMENTO,
+        assistant_prefix: Sequence[int] | None = None,
+        *,
+        stop_on_format_error: bool | None = None,
+    ) -> None:
+        self.specials = specials
+        self.config = config
+        self.assistant_prefix = assistant_prefix
+        self.stop_on_format_error = config.stops_on_format_error(stop_on_format_error)
+        self.count = EvictionCount()
+        self.reset()
+
+    def reset(self) -> None:
+        self.tracker = MementoTracker(self.specials, self.config, self.assistant_prefix)
+        self.structure_error: MementoFormatError | None = None
+        self.num_tokens = 0
+
+    def feed(self, token_ids: Sequence[int] | np.ndarray) -> list[EvictionEvent]:
+        """Track the next tokens; the events they cause, in order of ``at``."""
+        ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
+        self.num_tokens += len(ids)
+        if self.structure_error is not None:
+            return []
+        seen = len(self.tracker.events)
+        try:
+            return self.tracker.feed(int(ids[0])) if len(ids) == 1 else self.tracker.feed_many(ids)
+        except MementoFormatError as err:
+            if self.stop_on_format_error:
+                raise
+            self.structure_error = err
+            return self.tracker.events[seen:]  # decided before the defect: they stand
+
+
+class RowLayout:
+    """One sequence laid out as forward-pass rows, built as its tokens arrive (the embedded engine,
+    and :func:`compute_visibility` for a whole sequence at once).
+
+    Normally one row per token. In restart mode each evicted memento is fed a second time, just
+    before its ``<|summary_end|>`` and at the same logical positions, with its block already
+    invisible; later rows see only that copy. Every row has ``invisible_from``, the first row that
+    no longer sees it: the rule is :func:`visible`. ``row_of_token[t]`` is the row whose output
+    predicts token ``t + 1``.
+    """
+
+    def __init__(self, tracker: SequenceTracker) -> None:
+        self.tracker = tracker
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every row and every eviction (a preemption); :attr:`tracker`'s count stays."""
+        self.tracker.reset()
+        self._token = np.zeros(64, dtype=np.int64)
+        self._position = np.zeros(64, dtype=np.int64)
+        self._invisible = np.full(64, NEVER, dtype=np.int64)
+        self._row_of_token = np.zeros(64, dtype=np.int64)
+        self.num_rows = 0
+        self.num_tokens = 0
+        self.doomed: list[range] = []
+        """Runs of rows given a finite ``invisible_from`` (the same for the whole run: one eviction
+        each) and not yet taken by :meth:`take_dead`."""
+
+    # views over the buffers (copy before keeping)
+    @property
+    def row_token(self) -> np.ndarray:
+        return self._token[: self.num_rows]
+
+    @property
+    def row_position(self) -> np.ndarray:
+        """Each row's logical position: the index of the token it carries (its RoPE position)."""
+        return self._position[: self.num_rows]
+
+    @property
+    def row_invisible_from(self) -> np.ndarray:
+        return self._invisible[: self.num_rows]
+
+    @property
+    def row_of_token(self) -> np.ndarray:
+        return self._row_of_token[: self.num_tokens]
+
+    def feed(self, token_ids: Sequence[int] | np.ndarray) -> list[EvictionEvent]:
+        """Append the rows of the next tokens (and, in restart mode, the recomputed mementos)."""
+        ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
+        first_token = self.num_tokens
+        events = self.tracker.feed(ids)
+        self._reserve(self.num_tokens + len(ids), self.num_rows + len(ids) + sum(len(e.recompute) for e in events))
+        done = 0
+        for event in events:
+            self._append_tokens(ids[done : event.at - first_token])
+            done = event.at - first_token
+            self._apply(event)
+        self._append_tokens(ids[done:])
+        return events
+
+    def _apply(self, event: EvictionEvent) -> None:
+        first_new_row = self.num_rows
+        recompute = event.recompute
+        if recompute:
+            sources = self._row_of_token[recompute.start : recompute.stop]
+            self._append_rows(self._token[sources], np.arange(recompute.start, recompute.stop))
+        # A unit's tokens are consecutive rows (copies are only ever inserted after a unit's span),
+        # and each unit is evicted once, so the run is new to eviction.
+        first = int(self._row_of_token[event.start])
+        victims = range(first, first + len(event.evicted))
+        self._invisible[victims.start : victims.stop] = first_new_row
+        if victims:
+            self.doomed.append(victims)
+
+    def _append_tokens(self, ids: np.ndarray) -> None:
+        first, count = self.num_tokens, len(ids)
+        self._row_of_token[first : first + count] = np.arange(self.num_rows, self.num_rows + count)
+        self.num_tokens = first + count
+        self._append_rows(ids, np.arange(first, first + count))
+
+    def _append_rows(self, tokens: np.ndarray, positions: np.ndarray) -> None:
+        start, stop = self.num_rows, self.num_rows + len(tokens)
+        self._token[start:stop] = tokens
+        self._position[start:stop] = positions
+        self._invisible[start:stop] = NEVER
+        self.num_rows = stop
+
+    def _reserve(self, tokens: int, rows: int) -> None:
+        """Room for this many tokens and rows (buffers double, so appends stay amortised O(1))."""
+        for name, size in (("_row_of_token", tokens), ("_token", rows), ("_position", rows), ("_invisible", rows)):
+            buffer = getattr(self, name)
+            if size > len(buffer):
+                grown = np.full(max(size, 2 * len(buffer)), NEVER if name == "_invisible" else 0, dtype=np.int64)
+                grown[: len(buffer)] = buffer
+                setattr(self, name, grown)
+
+    def take_dead(self, computed: int) -> list[range]:
+        """Runs of rows that no row from ``computed`` on can see (rows below ``computed`` are done):
+        their KV can go. Each run is returned once."""
+        if not self.doomed:  # only rows an eviction touched can die: no scan of every row
+            return []
+        dead = [run for run in self.doomed if self._invisible[run.start] <= computed]
+        if dead:
+            self.doomed = [run for run in self.doomed if self._invisible[run.start] > computed]
+        return dead
+
+    def visibility(self) -> Visibility:
+        """The decision so far, for one forward pass over every row."""
+        tracker = self.tracker.tracker
+        positions = self.row_position.copy()
+        return Visibility(
+            token_ids=self.row_token.copy(),
+            position_ids=positions,
+            invisible_from=self.row_invisible_from.copy(),
+            source=positions.copy(),
+            output_rows=self.row_of_token.copy(),
+            events=tuple(tracker.events),
+            units=tuple(tracker.units),
+            tracking_from=tracker.tracking_from,
+        )
+
+
+class BlockCap:
+    """The block-length cap (paper section 5): once the open block holds ``max_block_tokens`` tokens
+    only ``<|block_end|>`` may follow. Tokens count from the open ``<|block_start|>`` (one in the
+    prompt too); the embedded engine and the vLLM logits processor both ask this object."""
+
+    def __init__(self, specials: SpecialTokenIds, max_block_tokens: int | None) -> None:
+        check_block_cap(max_block_tokens)
+        self.start, self.end = specials.block_start, specials.block_end
+        self.max_block_tokens = max_block_tokens
+        self.open = False
+        self.length = 0
+
+    def feed(self, token_ids: Iterable[int]) -> None:
+        for token in token_ids:
+            if token == self.start:
+                self.open, self.length = True, 0
+            elif token == self.end:
+                self.open = False
+            elif self.open:
+                self.length += 1
+
+    @property
+    def must_end(self) -> bool:
+        """Whether the next token must be ``<|block_end|>``."""
+        cap = self.max_block_tokens
+        return cap is not None and self.open and self.length >= cap
+
+
+# ----------------------------------------------------------------------------------------------
 # Whole sequences
 # ----------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Visibility:
-    """The visibility decision for one sequence, laid out for a single forward pass.
-
-    Rows are the tokens fed to the model. Without restart they are the sequence itself. In restart
-    mode each evicted memento is fed twice: once as generated (its block visible) and once as
-    recomputed (inserted just before its ``<|summary_end|>``, same logical positions, block
-    invisible); later tokens see only the recomputed copy.
+    """The visibility decision for one sequence, laid out for a single forward pass (see :class:`RowLayout`).
 
     ``token_ids``/``position_ids``/``invisible_from`` are per row. ``source`` maps each row to the
     index of the original token it carries. ``output_rows[t]`` is the row whose output predicts
@@ -381,6 +611,17 @@ class Visibility:
         """The (L, L) boolean mask of this sequence; True where the query row sees the key."""
         return dense_mask(torch.from_numpy(self.invisible_from)[None])[0, 0]
 
+    def live_kv(self) -> np.ndarray:
+        """Keys visible to each row (the mask's row sums: the KV an engine holds), without the mask.
+
+        By the rule, key ``k`` is visible to rows ``k .. invisible_from[k] - 1``: one interval each.
+        """
+        n = len(self)
+        delta = np.zeros(n + 1, dtype=np.int64)
+        np.add.at(delta, np.arange(n), 1)
+        np.add.at(delta, np.minimum(self.invisible_from, n), -1)
+        return np.cumsum(delta)[:n]
+
 
 def compute_visibility(
     token_ids: Sequence[int] | np.ndarray,
@@ -390,95 +631,16 @@ def compute_visibility(
     *,
     stop_tracking_on_error: bool = False,
 ) -> Visibility:
-    """Run the tracker over a whole sequence and lay the decision out as one forward pass.
+    """Lay a whole sequence out as one forward pass (the rows an engine would feed, at once).
 
     Malformed structure raises :class:`MementoFormatError`, unless ``stop_tracking_on_error``: then
-    the evictions decided before the defect stand and nothing from the defect on is tracked (the
-    rest of the sequence is appended as plain causal rows). An engine that lets a sequence with
-    broken structure go on (e.g. in vanilla mode, where structure plays no part) follows this rule.
+    the evictions decided before the defect stand and nothing from the defect on is tracked. An
+    engine that lets a sequence with broken structure go on follows this rule.
     """
-    if stop_tracking_on_error:
-        try:
-            return compute_visibility(token_ids, specials, config, assistant_prefix)
-        except MementoFormatError as err:
-            ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
-            head = compute_visibility(ids[: err.position], specials, config, assistant_prefix)
-            return _append_untracked(head, ids[err.position :])
-    ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
-    tracker = MementoTracker(specials, config, assistant_prefix)
-    events = tracker.feed_many(ids)
-    n = len(ids)
-    copies = [ev for ev in events if ev.recompute_start is not None]
-    if not copies:
-        invisible_from = np.full(n, NEVER, dtype=np.int64)
-        for ev in events:
-            invisible_from[ev.start : ev.stop] = np.minimum(invisible_from[ev.start : ev.stop], ev.at)
-        rows = np.arange(n, dtype=np.int64)
-        return Visibility(
-            token_ids=ids,
-            position_ids=rows.copy(),
-            invisible_from=invisible_from,
-            source=rows.copy(),
-            output_rows=rows,
-            events=tuple(events),
-            units=tuple(tracker.units),
-            tracking_from=tracker.tracking_from,
-        )
-    return _restart_layout(ids, events, tracker)
-
-
-def _append_untracked(head: Visibility, tail: np.ndarray) -> Visibility:
-    """``head`` followed by ``tail`` as plain rows: logical positions go on, nothing becomes invisible."""
-    first_row, first_token = len(head), len(head.output_rows)
-    rows = np.arange(first_row, first_row + len(tail), dtype=np.int64)
-    tokens = np.arange(first_token, first_token + len(tail), dtype=np.int64)
-    return Visibility(
-        token_ids=np.concatenate([head.token_ids, tail]),
-        position_ids=np.concatenate([head.position_ids, tokens]),
-        invisible_from=np.concatenate([head.invisible_from, np.full(len(tail), NEVER, dtype=np.int64)]),
-        source=np.concatenate([head.source, tokens]),
-        output_rows=np.concatenate([head.output_rows, rows]),
-        events=head.events,
-        units=head.units,
-        tracking_from=head.tracking_from,
-    )
-
-
-def _restart_layout(ids: np.ndarray, events: list[EvictionEvent], tracker: MementoTracker) -> Visibility:
-    """Insert each recomputed memento before its ``<|summary_end|>`` and apply the one rule."""
-    n = len(ids)
-    inserted_before = np.zeros(n + 1, dtype=np.int64)  # copies inserted before original index t
-    for ev in events:
-        inserted_before[ev.at] += len(ev.recompute)
-    shift = np.cumsum(inserted_before)[:n]  # rows inserted at or before index t's slot
-    row_of = np.arange(n, dtype=np.int64) + shift
-    total = n + int(inserted_before.sum())
-    token_rows = np.zeros(total, dtype=np.int64)
-    position_rows = np.zeros(total, dtype=np.int64)
-    source = np.zeros(total, dtype=np.int64)
-    invisible_from = np.full(total, NEVER, dtype=np.int64)
-    token_rows[row_of] = ids
-    position_rows[row_of] = np.arange(n)
-    source[row_of] = np.arange(n)
-    for ev in events:
-        recompute = ev.recompute
-        first_copy = int(row_of[ev.at]) - len(recompute)
-        copy_rows = np.arange(first_copy, first_copy + len(recompute))
-        token_rows[copy_rows] = ids[recompute.start : recompute.stop]
-        position_rows[copy_rows] = np.arange(recompute.start, recompute.stop)
-        source[copy_rows] = np.arange(recompute.start, recompute.stop)
-        victims = row_of[ev.start : ev.stop]
-        invisible_from[victims] = np.minimum(invisible_from[victims], first_copy)
-    return Visibility(
-        token_ids=token_rows,
-        position_ids=position_rows,
-        invisible_from=invisible_from,
-        source=source,
-        output_rows=row_of,
-        events=tuple(events),
-        units=tuple(tracker.units),
-        tracking_from=tracker.tracking_from,
-    )
+    tracker = SequenceTracker(specials, config, assistant_prefix, stop_on_format_error=not stop_tracking_on_error)
+    layout = RowLayout(tracker)
+    layout.feed(token_ids)
+    return layout.visibility()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 
 from memento.format import MementoFormatError, SpecialTokenIds
@@ -34,12 +33,6 @@ class Generation:
     error: str | None = None
     live_kv: list[int] = field(default_factory=list)
     """Keys the newest token could attend to at each step (the KV an engine keeps, in tokens)."""
-
-
-def _live_keys(vis: Visibility) -> int:
-    """How many keys the last token's row sees (all rows up to it that are not yet invisible)."""
-    row = int(vis.output_rows[-1])
-    return int(np.count_nonzero(vis.invisible_from[: row + 1] > row))
 
 
 @torch.no_grad()
@@ -149,7 +142,7 @@ def _generate_chunk(
         active = []
         for gen, vis, logits in zip(still, items, last_logits, strict=True):
             token = int(torch.argmax(logits))
-            gen.live_kv.append(_live_keys(vis))
+            gen.live_kv.append(int(vis.live_kv()[vis.output_rows[-1]]))  # keys the newest token sees
             gen.token_ids.append(token)
             if token in eos:
                 gen.finish_reason = "eos"

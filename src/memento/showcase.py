@@ -23,7 +23,6 @@ from memento.format import MementoTrace, render_response
 from memento.masking import MaskConfig, compute_visibility
 from memento.synth import DEFAULT_TASK, generate, write_split
 from memento.tokens import RegexTokenizer
-from memento.viz import live_kv
 
 SETTINGS: dict[str, MaskConfig] = {
     "vanilla": MaskConfig(keep_last_n=-1),
@@ -39,7 +38,7 @@ def kv_table(trace: MementoTrace[str], tokenizer: RegexTokenizer) -> tuple[Table
     curves = {}
     for name, config in SETTINGS.items():
         vis = compute_visibility(ids, tokenizer.specials, config)
-        curves[name] = live_kv(vis)[vis.output_rows]  # one value per generated token
+        curves[name] = vis.live_kv()[vis.output_rows]  # one value per generated token
     table = Table(title=f"Live KV of record 1 ({len(ids)} tokens, regex tokenizer)")
     for column in ("setting", "peak KV", "peak / vanilla", "AUC / vanilla"):
         table.add_column(column, justify="right")

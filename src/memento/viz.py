@@ -98,22 +98,11 @@ def row_roles(vis: Visibility, roles: np.ndarray) -> np.ndarray:
     return out
 
 
-def live_kv(vis: Visibility) -> np.ndarray:
-    """Keys visible to each query row (the row sums of the mask), without building the mask."""
-    n = len(vis)
-    starts = np.arange(n, dtype=np.int64)
-    stops = np.minimum(vis.invisible_from, n)  # a key is visible to rows start..stop-1
-    delta = np.zeros(n + 1, dtype=np.int64)
-    np.add.at(delta, starts, 1)
-    np.add.at(delta, stops, -1)
-    return np.cumsum(delta)[:n]
-
-
 def mask_summary(vis: Visibility) -> dict[str, Any]:
     """Counts for a title: rows, original tokens, visible fraction of the causal cells, peak live KV."""
     n = len(vis)
     tokens = len(vis.output_rows)
-    live = live_kv(vis)
+    live = vis.live_kv()
     visible_cells = int(live.sum())
     causal_cells = n * (n + 1) // 2
     peak = int(live.max()) if n else 0

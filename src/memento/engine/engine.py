@@ -24,7 +24,7 @@ from memento.engine.sampling import SampledToken, SamplingParams, sample_tokens
 from memento.engine.scheduler import Scheduler
 from memento.engine.sequence import KVStats, Sequence
 from memento.format import MementoFormatError, SpecialTokenIds
-from memento.masking import CHAT_MEMENTO, MaskConfig, MementoTracker, check_block_cap
+from memento.masking import CHAT_MEMENTO, BlockCap, MaskConfig, RowLayout, SequenceTracker, check_block_cap
 from memento.modeling import check_attention_implementation
 
 
@@ -230,9 +230,9 @@ class LLMEngine:
                     index,
                     prompt_ids,
                     params,
-                    self._make_tracker,
+                    self._new_layout(),
+                    BlockCap(self.specials, self.config.max_block_tokens),
                     forced_tokens=list(forced_tokens) if forced_tokens is not None else None,
-                    stop_on_format_error=self.stop_on_format_error,
                 )
             except MementoFormatError as err:
                 raise ValueError(f"the prompt's memento structure is malformed: {err}") from err
@@ -242,7 +242,6 @@ class LLMEngine:
                 else int(torch.randint(0, 2**62, (1,), generator=self._generator))
             )
             seq.generator = torch.Generator().manual_seed(seed)
-            self._open_block_from_prompt(seq)
             sequences.append(seq)
         outputs = [
             CompletionOutput(index=s.sample_index, token_ids=s.output_ids, text=None, finish_reason=None)
@@ -278,11 +277,6 @@ class LLMEngine:
             )
         return prompt_ids
 
-    def _open_block_from_prompt(self, seq: Sequence) -> None:
-        """A prompt that ends inside a block (e.g. a forced ``<|block_start|>``) counts toward the cap."""
-        for token in seq.prompt_ids:
-            self._track_block(seq, token)
-
     def _prompt_ids(self, prompt: str | Seq[int]) -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
@@ -306,8 +300,11 @@ class LLMEngine:
             raise ValueError(f"{what} has token ids out of the vocabulary (0..{vocab - 1}): {bad[:5]}")
         return ids
 
-    def _make_tracker(self) -> MementoTracker:
-        return MementoTracker(self.specials, self.mask, self.assistant_prefix)
+    def _new_layout(self) -> RowLayout:
+        tracker = SequenceTracker(
+            self.specials, self.mask, self.assistant_prefix, stop_on_format_error=self.stop_on_format_error
+        )
+        return RowLayout(tracker)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
@@ -390,7 +387,7 @@ class LLMEngine:
         token = sampled.token_id
         if seq.forced_tokens is not None:
             token = seq.forced_tokens[len(seq.output_ids)]
-        elif self._block_cap_reached(seq):
+        elif seq.block_cap.must_end:
             token = self.specials.block_end
         sampled.token_id = token
         evictions_before, evicted_before = seq.stats.evictions, seq.stats.evicted_tokens
@@ -399,7 +396,6 @@ class LLMEngine:
         seq.top_logprobs.append(sampled.top_logprobs)
         if logits is not None:
             seq.kept_logits.append(logits)
-        self._track_block(seq, token)
         self.stats.generated_tokens += 1
         if on_token is not None:
             on_token(seq.request_id, seq.sample_index, token, sampled)
@@ -426,18 +422,6 @@ class LLMEngine:
                 self._release(seq)
         self.stats.evictions += seq.stats.evictions - evictions_before
         self.stats.evicted_tokens += seq.stats.evicted_tokens - evicted_before
-
-    def _block_cap_reached(self, seq: Sequence) -> bool:
-        cap = self.config.max_block_tokens
-        return cap is not None and seq.block_open and seq.block_tokens >= cap
-
-    def _track_block(self, seq: Sequence, token: int) -> None:
-        if token == self.specials.block_start:
-            seq.block_open, seq.block_tokens = True, 0
-        elif token == self.specials.block_end:
-            seq.block_open = False
-        elif seq.block_open:
-            seq.block_tokens += 1
 
     def _hit_stop_string(self, seq: Sequence) -> bool:
         longest = max(len(s) for s in seq.params.stop)

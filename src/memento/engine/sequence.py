@@ -1,29 +1,22 @@
-"""One sequence in the engine: its tokens, its rows, which rows hold KV slots, and its accounting.
+"""One sequence in the engine: its tokens, which of its rows hold KV slots, and its accounting.
 
 A *token* has a logical index in the full sequence (prompt + output, evicted tokens included): that
-index is its RoPE position. A *row* is one forward-pass input: normally one row per token, but in
-restart mode a memento is fed a second time (at the same positions) before its ``<|summary_end|>``,
-as in :func:`memento.masking.compute_visibility`'s restart layout. Every row has
-``invisible_from``: the first row that no longer sees it. The one rule of :mod:`memento.masking`
-decides visibility: row ``q`` sees row ``k`` iff ``k <= q < invisible_from[k]``.
-
-The :class:`~memento.masking.MementoTracker` watches the tokens as they arrive and its eviction
-events set ``invisible_from``. A row whose ``invisible_from`` is at or before the first row not yet
-computed can never be seen again: its KV slot goes back to the pool at once.
+index is its RoPE position. A *row* is one forward-pass input. Which rows there are and when each
+becomes invisible is :class:`memento.masking.RowLayout`'s decision (restart mode feeds a memento
+twice); this module only maps computed rows to KV slots and hands back the slots of the rows the
+layout declares dead (:meth:`memento.masking.RowLayout.take_dead`).
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from memento.engine.sampling import SamplingParams
-from memento.format import MementoFormatError
-from memento.masking import NEVER, MementoTracker
+from memento.masking import BlockCap, RowLayout
 
 
 class SequenceStatus(enum.Enum):
@@ -62,9 +55,9 @@ class Sequence:
         sample_index: int,
         prompt_ids: list[int],
         params: SamplingParams,
-        make_tracker: Callable[[], MementoTracker],
+        layout: RowLayout,
+        block_cap: BlockCap,
         forced_tokens: list[int] | None = None,
-        stop_on_format_error: bool = True,
     ) -> None:
         self.seq_id = seq_id
         self.request_id = request_id
@@ -72,8 +65,8 @@ class Sequence:
         self.prompt_ids = [int(t) for t in prompt_ids]
         self.params = params
         self.forced_tokens = forced_tokens
-        self.stop_on_format_error = stop_on_format_error
-        self.structure_error: MementoFormatError | None = None  # tracking stopped here (if tolerated)
+        self.layout = layout
+        self.block_cap = block_cap  # fed every token, the prompt's too (a prompt may open a block)
         self.generator: torch.Generator | None = None  # this sample's own RNG (set by the engine)
         self.status = SequenceStatus.WAITING
         self.finish_reason: str | None = None
@@ -84,10 +77,7 @@ class Sequence:
         self.top_logprobs: list[dict[int, float] | None] = []
         self.kept_logits: list = []
         self.stats = KVStats()
-        self.block_tokens = 0  # tokens since the open <|block_start|> of the output (block-length cap)
-        self.block_open = False
-        self._make_tracker = make_tracker
-        self._events_seen = 0
+        self.block_cap.feed(self.prompt_ids)
         self.reset_rows()
 
     # -- rows --------------------------------------------------------------------------------
@@ -97,23 +87,16 @@ class Sequence:
 
         Used at creation and after a preemption: every row becomes pending again, so recomputing
         rebuilds exactly the state that was evicted (mementos are recomputed with their blocks
-        visible, then the blocks go away again).
+        visible, then the blocks go away again). Evictions are still counted once.
         """
-        self.tracker = self._make_tracker()
-        self.structure_error = None
-        self.row_token: list[int] = []
-        self.row_position: list[int] = []
-        self.row_invisible_from: list[int] = []
-        self.row_of_token: list[int] = []
+        self.layout.reset()
         self.computed = 0  # rows [0, computed) have had their KV computed
         # Computed rows that still hold a slot (ascending) and their slots: NumPy buffers grown by
         # doubling, because the runner reads them whole at every step of every sequence.
         self._live_rows = np.zeros(64, dtype=np.int64)
         self._live_slots = np.zeros(64, dtype=np.int64)
         self._num_live = 0
-        self.doomed: list[int] = []  # rows given an invisible_from and not yet released
-        for token in self.all_token_ids():
-            self._add_row_for_token(token)
+        self._feed(self.all_token_ids())
 
     def all_token_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
@@ -124,51 +107,24 @@ class Sequence:
 
     @property
     def num_pending(self) -> int:
-        return len(self.row_token) - self.computed
+        return self.layout.num_rows - self.computed
 
-    def _add_row_for_token(self, token: int) -> None:
-        """Feed the tracker (may raise MementoFormatError), apply its events, append the token's row.
-
-        With ``stop_on_format_error=False`` a defect ends tracking instead: the evictions decided
-        before it stand, later tokens are plain rows (``compute_visibility(stop_tracking_on_error=True)``).
-        """
-        index = len(self.row_of_token)
-        events = []
-        if self.structure_error is None:
-            try:
-                events = self.tracker.feed(token)
-            except MementoFormatError as err:
-                if self.stop_on_format_error:
-                    raise
-                self.structure_error = err
-        for event in events:
-            first_new_row = len(self.row_token)
-            for t in event.recompute:  # restart: the memento again, at its own positions
-                self._append_row(self.row_token[self.row_of_token[t]], t)
-            for t in event.evicted:
-                row = self.row_of_token[t]
-                self.row_invisible_from[row] = min(self.row_invisible_from[row], first_new_row)
-                self.doomed.append(row)
-        if len(self.tracker.events) > self._events_seen:  # count each eviction once, even after preemption
-            for event in self.tracker.events[self._events_seen :]:
-                self.stats.evictions += 1
-                self.stats.evicted_tokens += len(event.evicted)
-            self._events_seen = len(self.tracker.events)
-        self.row_of_token.append(len(self.row_token))
-        self._append_row(token, index)
-
-    def _append_row(self, token: int, position: int) -> None:
-        self.row_token.append(int(token))
-        self.row_position.append(position)
-        self.row_invisible_from.append(NEVER)
+    def _feed(self, token_ids: list[int]) -> None:
+        """Give tokens their rows (raises MementoFormatError when the structure breaks and the
+        layout's policy is to stop); every eviction they cause is counted once."""
+        events = self.layout.feed(token_ids)
+        count = self.layout.tracker.count
+        count.add(events)
+        self.stats.evictions, self.stats.evicted_tokens = count.evictions, count.evicted_tokens
 
     def append_output(self, token: int) -> None:
         """Record a generated token (the caller decides whether to feed it on)."""
         self.output_ids.append(int(token))
+        self.block_cap.feed((int(token),))
 
     def feed_last_output(self) -> None:
         """Give the newest output token its row(s); raises MementoFormatError on malformed structure."""
-        self._add_row_for_token(self.output_ids[-1])
+        self._feed(self.output_ids[-1:])
 
     # -- slots -------------------------------------------------------------------------------
 
@@ -204,19 +160,18 @@ class Sequence:
 
     def release_dead(self) -> list[int]:
         """Drop (and return the slots of) live rows no pending or future row can see."""
-        if not self.doomed:  # only rows an eviction event touched can die: no scan of the live rows
-            return []
-        horizon = self.computed
-        dead = [r for r in self.doomed if r < horizon and self.row_invisible_from[r] <= horizon]
+        dead = self.layout.take_dead(self.computed)
         if not dead:
             return []
-        dead_set = set(dead)
-        self.doomed = [r for r in self.doomed if r not in dead_set]
-        keep = ~np.isin(self.live_rows, dead)
-        slots = self.live_slots[~keep].tolist()
-        n = int(keep.sum())
-        self._live_rows[:n] = self.live_rows[keep]
-        self._live_slots[:n] = self.live_slots[keep]
+        live = self.live_rows
+        gone = np.zeros(self._num_live, dtype=bool)
+        for run in dead:  # a run is consecutive rows, so consecutive among the live ones
+            lo, hi = np.searchsorted(live, (run.start, run.stop))
+            gone[lo:hi] = True
+        slots = self.live_slots[gone].tolist()
+        n = self._num_live - len(slots)
+        self._live_rows[:n] = live[~gone]
+        self._live_slots[:n] = self.live_slots[~gone]
         self._num_live = n
         return slots
 
@@ -224,7 +179,6 @@ class Sequence:
         """Every slot this sequence holds (for preemption or when it finishes)."""
         slots = self.live_slots.tolist()
         self._num_live = 0
-        self.doomed = []
         return slots
 
     # -- state -------------------------------------------------------------------------------

@@ -19,7 +19,6 @@ import numpy as np
 
 from memento.format import SpecialTokenIds
 from memento.masking import MaskConfig, compute_visibility
-from memento.viz import live_kv
 
 GB = 1e9
 """Bytes in a GB as reported here (decimal, as the paper's tables)."""
@@ -115,6 +114,6 @@ def replay_live_kv(
     if not 1 <= prompt_len <= len(token_ids):
         raise ValueError(f"prompt_len must be in 1..{len(token_ids)}, got {prompt_len}")
     vis = compute_visibility(token_ids, specials, config, assistant_prefix, stop_tracking_on_error=True)
-    live = live_kv(vis)
+    live = vis.live_kv()
     rows = vis.output_rows[prompt_len - 1 : len(token_ids) - 1]
     return [int(n) for n in live[rows]]

@@ -3,8 +3,9 @@ prefill chunk must stop, and what the worker must move when a block goes.
 
 Nothing here imports vLLM: the scheduler (:mod:`memento.vllm.scheduler`) holds one
 :class:`RequestEvictions` per request and turns its answers into vLLM operations, and the unit
-tests drive it directly. The decisions themselves come from :class:`memento.masking.MementoTracker`
-(the one source of truth for visibility); this module only translates them into physical layout.
+tests drive it directly. The decisions themselves come from :class:`memento.masking.SequenceTracker`
+(which tokens go and when, what a restart recomputes and where it rewinds, the format-error policy,
+each eviction counted once); this module only translates them into physical layout.
 
 vLLM counts a request's tokens logically (``num_computed_tokens`` is an index into prompt +
 output), and so do RoPE positions. The KV lives in the request's pages at *physical* indices:
@@ -29,11 +30,10 @@ from __future__ import annotations
 
 import bisect
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 
-from memento.format import MementoFormatError
-from memento.masking import EvictionEvent, MementoTracker
+from memento.masking import EvictionCount, EvictionEvent, SequenceTracker
 
 
 @dataclass(frozen=True)
@@ -72,16 +72,22 @@ class RequestEvictions:
 
     ``feed`` takes tokens as they become known (the prompt at admission, then each sampled token);
     events wait in :attr:`pending` until :meth:`apply_due` is called with the request's computed
-    count equal to their ``at``.
+    count equal to their ``at``. Malformed structure raises MementoFormatError, or stops tracking,
+    as the tracker's format-error policy says.
     """
 
-    def __init__(self, make_tracker: Callable[[], MementoTracker], stop_on_format_error: bool = True) -> None:
-        self._make_tracker = make_tracker
-        self.stop_on_format_error = stop_on_format_error
-        self.evictions = 0  # events applied, each counted once (a preemption replays them)
-        self.evicted_tokens = 0
-        self._last_counted_at = -1
+    def __init__(self, tracker: SequenceTracker) -> None:
+        self.tracker = tracker
+        self.applied = EvictionCount()  # events applied, each counted once (a preemption replays them)
         self.reset(())
+
+    @property
+    def evictions(self) -> int:
+        return self.applied.evictions
+
+    @property
+    def evicted_tokens(self) -> int:
+        return self.applied.evicted_tokens
 
     # -- tokens ------------------------------------------------------------------------------
 
@@ -91,8 +97,7 @@ class RequestEvictions:
         The recompute then replays every event at its ``at``, so the kept mementos are rebuilt with
         their blocks visible, exactly as first computed.
         """
-        self.tracker = self._make_tracker()
-        self.structure_error: MementoFormatError | None = None
+        self.tracker.reset()
         self.pending: deque[EvictionEvent] = deque()
         self._starts: list[int] = []  # evicted logical spans [start, stop), sorted and disjoint
         self._stops: list[int] = []
@@ -100,18 +105,10 @@ class RequestEvictions:
         self.feed(token_ids)
 
     def feed(self, token_ids: Iterable[int]) -> None:
-        """Track new tokens. Malformed structure raises MementoFormatError when ``stop_on_format_error``;
-        otherwise tracking stops at the defect (later tokens are plain: nothing more is evicted)."""
-        if self.structure_error is not None:
-            return
-        for token in token_ids:
-            try:
-                self.pending.extend(self.tracker.feed(int(token)))
-            except MementoFormatError as err:
-                if self.stop_on_format_error:
-                    raise
-                self.structure_error = err
-                return
+        """Track new tokens (their events wait for :meth:`apply_due`)."""
+        ids = list(token_ids)
+        if ids:
+            self.pending.extend(self.tracker.feed(ids))
 
     # -- layout ------------------------------------------------------------------------------
 
@@ -138,7 +135,7 @@ class RequestEvictions:
 
     def final_shift(self) -> int:
         """Evicted tokens once every known event has been applied (sizes a request after a recompute)."""
-        return self.shift + sum(len(self._span(ev)) for ev in self.pending)
+        return self.shift + sum(len(ev.dropped) for ev in self.pending)
 
     # -- scheduling --------------------------------------------------------------------------
 
@@ -173,28 +170,20 @@ class RequestEvictions:
         assert compaction is not None
         return Applied(compaction, rewind_to)
 
-    def _span(self, event: EvictionEvent) -> range:
-        """The logical span that loses its KV for good (restart: the block; its memento is recomputed)."""
-        if event.recompute_start is not None:
-            return range(event.start, event.recompute_start)
-        return event.evicted
-
     def _apply(self, event: EvictionEvent, num_computed: int) -> tuple[Compaction, int | None]:
         length = num_computed - self.shift  # physical tokens before the event
-        span = self._span(event)
+        span = event.dropped
         start, stop = self.physical(span.start), self.physical(span.stop)
-        if event.recompute_start is not None:
+        if event.rewind_to is not None:
             # Restart: drop everything from the block on (the memento included) and rewind to the
             # memento, whose KV the next step recomputes at its logical positions without the block.
             compaction = Compaction(moves=(), num_tokens=start)
-            rewind_to: int | None = event.recompute_start
         else:
             moves = ((stop, start, length - stop),) if length > stop else ()
             compaction = Compaction(moves=moves, num_tokens=length - (stop - start))
-            rewind_to = None
         self._record_span(span)
-        self._count(event)
-        return compaction, rewind_to
+        self.applied.add((event,))
+        return compaction, event.rewind_to
 
     def _record_span(self, span: range) -> None:
         if not span:
@@ -209,9 +198,3 @@ class RequestEvictions:
         for s, e in zip(self._starts, self._stops, strict=True):
             total += e - s
             self._cumulative.append(total)
-
-    def _count(self, event: EvictionEvent) -> None:
-        if event.at > self._last_counted_at:  # events apply in order of ``at``; a replay repeats them
-            self.evictions += 1
-            self.evicted_tokens += len(event.evicted)
-            self._last_counted_at = event.at

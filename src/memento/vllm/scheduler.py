@@ -35,7 +35,7 @@ from vllm.v1.request import Request, RequestStatus
 
 from memento.chat import tracked_prefix
 from memento.format import MementoFormatError, SpecialTokenIds
-from memento.masking import MementoTracker
+from memento.masking import SequenceTracker
 from memento.vllm.config import PLAN_ATTR, SCHEDULER_CLS, WORKER_CLS, MementoSettings, names_subclass
 from memento.vllm.eviction import Compaction, RequestEvictions
 
@@ -192,10 +192,10 @@ class MementoScheduler(Scheduler):
     # -- requests ----------------------------------------------------------------------------
 
     def _new_state(self) -> RequestEvictions:
-        return RequestEvictions(
-            lambda: MementoTracker(self._specials, self._mask, self._assistant_prefix),
-            stop_on_format_error=self.memento.strict,
+        tracker = SequenceTracker(
+            self._specials, self._mask, self._assistant_prefix, stop_on_format_error=self.memento.strict
         )
+        return RequestEvictions(tracker)
 
     def add_request(self, request: Request) -> None:
         # Vanilla mode tracks nothing unless asked to stop on broken structure.
