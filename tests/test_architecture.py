@@ -9,6 +9,8 @@ from pathlib import Path
 import memento
 
 ROOT = Path(__file__).resolve().parents[1]
+BELOW_MASKING = {"memento.arrays"}
+"""Modules format and masking may import (dependencies, not consumers)."""
 
 
 def contracts() -> dict[str, dict]:
@@ -25,7 +27,7 @@ def test_format_and_masking_contract_names_every_other_module():
     contract = contracts()["format and masking decide; they import none of their consumers"]
     protected = set(contract["source_modules"])
     assert protected == {"memento.format", "memento.masking"}
-    missing = top_level_modules() - protected - set(contract["forbidden_modules"])
+    missing = top_level_modules() - protected - BELOW_MASKING - set(contract["forbidden_modules"])
     assert not missing, f"add {sorted(missing)} to the contract's forbidden_modules in pyproject.toml"
 
 

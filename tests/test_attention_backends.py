@@ -289,11 +289,16 @@ def test_hf_restart_layout_forward(models) -> None:
     # From the first copy until the second eviction, the rows equal a causal forward over the trace
     # with block 1 (and its original memento KV) cut out, at the same logical positions: the
     # recomputed memento carries no information from its block.
-    cut_ids = seq[: first.start] + seq[first.recompute_start :]
-    cut_pos = list(range(first.start)) + list(range(first.recompute_start, len(seq)))
+    cut_ids = seq[: first.evicted.start] + seq[first.recompute.start :]
+    cut_pos = list(range(first.evicted.start)) + list(range(first.recompute.start, len(seq)))
     with torch.no_grad():
         cut = models["sdpa"](
             input_ids=torch.tensor([cut_ids]), position_ids=torch.tensor([cut_pos]), attention_mask=None
         ).logits[0]
     span = len(first.recompute) + (second.at - first.at)
-    assert_close_on(out[first_copy : first_copy + span], cut[first.start : first.start + span], slice(None), "restart")
+    assert_close_on(
+        out[first_copy : first_copy + span],
+        cut[first.evicted.start : first.evicted.start + span],
+        slice(None),
+        "restart",
+    )

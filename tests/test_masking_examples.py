@@ -186,7 +186,7 @@ def test_require_assistant_section_ignores_quoted_tokens() -> None:
     config = MaskConfig(keep_last_n=0, require_assistant_section=True)
     vis = compute_visibility(QUOTED, SPECIALS, config, assistant_prefix=ASSISTANT)
     assert vis.tracking_from == 8
-    assert [(e.at, e.start, e.stop) for e in vis.events] == [(14, 10, 11)]
+    assert [(e.at, e.evicted.start, e.evicted.stop) for e in vis.events] == [(14, 10, 11)]
     hidden = ~vis.dense().numpy() & np.tril(np.ones((17, 17), dtype=bool))
     assert np.argwhere(hidden).tolist() == [[14, 10], [15, 10], [16, 10]]
 
@@ -194,7 +194,7 @@ def test_require_assistant_section_ignores_quoted_tokens() -> None:
 def test_without_assistant_section_the_prompt_is_tracked_too() -> None:
     # The same sequence tracked from the start: the quoted block hides from its ")" (pos 5) on.
     vis = compute_visibility(QUOTED, SPECIALS, MaskConfig(keep_last_n=0))
-    assert [(e.at, e.start, e.stop) for e in vis.events] == [(5, 1, 2), (14, 10, 11)]
+    assert [(e.at, e.evicted.start, e.evicted.stop) for e in vis.events] == [(5, 1, 2), (14, 10, 11)]
 
 
 def test_quoted_fragment_is_harmless_only_inside_the_prompt() -> None:
@@ -204,13 +204,13 @@ def test_quoted_fragment_is_harmless_only_inside_the_prompt() -> None:
     assert err.value.position == 0
     config = MaskConfig(require_assistant_section=True)
     vis = compute_visibility(lone_end, SPECIALS, config, assistant_prefix=ASSISTANT)
-    assert [(e.at, e.start, e.stop) for e in vis.events] == [(10, 6, 7)]
+    assert [(e.at, e.evicted.start, e.evicted.stop) for e in vis.events] == [(10, 6, 7)]
 
 
 def test_tracker_emits_the_events_an_engine_applies() -> None:
     tracker = MementoTracker(SPECIALS, MaskConfig(keep_last_n=0))
     emitted = {pos: tracker.feed(tok) for pos, tok in enumerate(TRACE)}
-    assert {pos: [(e.start, e.stop) for e in evs] for pos, evs in emitted.items() if evs} == {
+    assert {pos: [(e.evicted.start, e.evicted.stop) for e in evs] for pos, evs in emitted.items() if evs} == {
         7: [(3, 4)],
         13: [(9, 10)],
     }
@@ -244,7 +244,7 @@ def test_malformed_input_names_the_defect(ids: list[int], position: int, reason:
 def test_a_prefix_with_an_open_block_is_fine() -> None:
     # An engine sees prefixes: a block still open at the end is no defect.
     vis = compute_visibility([P, TH, BS, A_, BE, SS, M_, SE, BS, B_], SPECIALS, MaskConfig())
-    assert [(e.at, e.start, e.stop) for e in vis.events] == [(7, 3, 4)]
+    assert [(e.at, e.evicted.start, e.evicted.stop) for e in vis.events] == [(7, 3, 4)]
 
 
 def test_stop_tracking_on_error_keeps_earlier_evictions_and_tracks_nothing_after() -> None:

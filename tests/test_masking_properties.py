@@ -26,6 +26,8 @@ from memento.masking import (
     NEVER,
     MaskConfig,
     MementoTracker,
+    RowLayout,
+    SequenceTracker,
     Visibility,
     build_batch,
     collate_visibility,
@@ -192,6 +194,57 @@ def replay(case: MaskCase, vis: Visibility) -> None:
 @given(case=well_formed())
 def test_tracker_replay_matches_dense_mask(case: MaskCase) -> None:
     replay(case, visibility(case))
+
+
+@settings(max_examples=examples(300), **SETTINGS)
+@given(case=well_formed(), cuts=st.lists(st.integers(min_value=0, max_value=400), max_size=12))
+def test_row_layout_fed_in_any_chunks_equals_the_whole_sequence(case: MaskCase, cuts: list[int]) -> None:
+    """An engine feeds prompts in one chunk and outputs token by token: same rows, same decision.
+
+    Along the way, ``take_dead`` (the KV an engine may free) hands back exactly the rows that no
+    later row can see, each once: by the rule, those with ``invisible_from`` at or before the rows
+    computed so far.
+    """
+    whole = visibility(case)
+    layout = RowLayout(SequenceTracker(case.specials, case.config, case.prefix))
+    bounds = sorted({0, len(case.ids), *(c for c in cuts if c < len(case.ids))})
+    freed: list[int] = []
+    for lo, hi in itertools.pairwise(bounds):
+        layout.feed(list(case.ids[lo:hi]))
+        computed = layout.num_rows  # as if every row so far had its KV computed
+        freed += [row for run in layout.take_dead(computed) for row in run]
+        invisible = layout.columns()[2]
+        assert all(invisible[row] <= computed for row in freed)
+    got = layout.visibility()
+    for name in ("token_ids", "position_ids", "invisible_from", "source", "output_rows"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(whole, name), err_msg=name)
+    assert got.events == whole.events and got.tracking_from == whole.tracking_from
+    assert sorted(freed) == sorted(set(freed)), "a row was freed twice"
+    final = len(whole)
+    assert set(freed) | {r for run in layout.doomed for r in run} == set(np.flatnonzero(whole.invisible_from < NEVER))
+    assert all(whole.invisible_from[r] > final for run in layout.doomed for r in run)
+
+
+@settings(max_examples=examples(200), **SETTINGS)
+@given(case=well_formed(), data=st.data())
+def test_stopping_tracking_at_a_defect_keeps_what_was_decided(case: MaskCase, data: st.DataObject) -> None:
+    """The lenient format-error policy: a sequence broken after position k is laid out as its first
+    k tokens, then plain causal rows."""
+    cut = data.draw(st.integers(min_value=0, max_value=len(case.ids)))
+    broken = [*case.ids[:cut], case.specials.summary_end, case.specials.summary_end, *case.ids[cut:]]
+    tracker = SequenceTracker(case.specials, case.config, case.prefix, stop_on_format_error=False)
+    layout = RowLayout(tracker)
+    layout.feed(broken)
+    got = layout.visibility()
+    if tracker.structure_error is None:  # not tracked there (before the assistant turn) or vanilla
+        return
+    head = compute_visibility(broken[: tracker.structure_error.position], case.specials, case.config, case.prefix)
+    assert got.events == head.events
+    np.testing.assert_array_equal(got.invisible_from[: len(head)], head.invisible_from)
+    assert (got.invisible_from[len(head) :] == NEVER).all()
+    assert len(got.output_rows) == len(broken)
+    with pytest.raises(MementoFormatError):
+        RowLayout(SequenceTracker(case.specials, case.config, case.prefix, stop_on_format_error=True)).feed(broken)
 
 
 # ----------------------------------------------------------------------------------------------

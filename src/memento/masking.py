@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from memento.arrays import GrowingTable
 from memento.format import Kind, MementoFormatError, SpecialTokenIds, StructureParser, UnitSpan
 
 NEVER: int = int(np.iinfo(np.int64).max)
@@ -191,43 +192,28 @@ assistant's turn on (special tokens quoted in a prompt are plain text)."""
 
 @dataclass(frozen=True)
 class EvictionEvent:
-    """Tokens ``start..stop-1`` become invisible before token ``at`` is fed to the model.
+    """The tokens ``evicted`` become invisible before token ``at`` is fed to the model.
 
-    In restart mode, tokens ``recompute_start..recompute_stop-1`` (the memento, a sub-range of the
-    evicted one) must then be re-prefilled at their own logical positions before token ``at``.
+    In restart mode the tokens ``recompute`` (the memento, the end of the evicted span) must then
+    be fed again at their own logical positions, without the block, before token ``at``.
     """
 
     at: int
     unit: int
-    start: int
-    stop: int
-    recompute_start: int | None = None
-    recompute_stop: int | None = None
-
-    @property
-    def evicted(self) -> range:
-        return range(self.start, self.stop)
-
-    @property
-    def recompute(self) -> range:
-        """Restart: the memento, fed again without its block (empty otherwise)."""
-        if self.recompute_start is None or self.recompute_stop is None:
-            return range(0)
-        return range(self.recompute_start, self.recompute_stop)
+    evicted: range
+    recompute: range = range(0)
 
     @property
     def dropped(self) -> range:
         """The tokens whose KV is gone for good: the evicted span less the memento a restart recomputes."""
-        if self.recompute_start is not None:
-            return range(self.start, self.recompute_start)
-        return self.evicted
+        return range(self.evicted.start, self.recompute.start) if self.recompute else self.evicted
 
     @property
     def rewind_to(self) -> int | None:
         """Restart, for an engine that keeps one KV entry per token (vLLM): drop everything from the
         block on and resume feeding at the memento's first token, so its KV is recomputed without the
         block. The expanded rows of :class:`RowLayout` are the same decision for a row-keyed engine."""
-        return self.recompute_start
+        return self.recompute.start if self.recompute else None
 
 
 class MementoTracker:
@@ -265,11 +251,11 @@ class MementoTracker:
         """The (block, memento) units seen so far, in order."""
         return self._parser.units
 
-    def _evicted_range(self, span: UnitSpan) -> tuple[int, int]:
+    def _evicted_range(self, span: UnitSpan) -> range:
         assert span.block_end is not None
         if self.config.mask_delimiters:
-            return span.block_start, span.block_end + 1
-        return span.block_start + 1, span.block_end
+            return range(span.block_start, span.block_end + 1)
+        return range(span.block_start + 1, span.block_end)
 
     def _on_special(self, kind: Kind, position: int) -> list[EvictionEvent]:
         self._parser.feed(kind, position)
@@ -287,17 +273,10 @@ class MementoTracker:
         span = units[victim]
         if config.restart:
             assert span.summary_start is not None
-            event = EvictionEvent(
-                at=position,
-                unit=victim,
-                start=span.block_start,
-                stop=position,
-                recompute_start=span.summary_start,
-                recompute_stop=position,
-            )
+            memento = range(span.summary_start, position)
+            event = EvictionEvent(position, victim, range(span.block_start, position), memento)
         else:
-            start, stop = self._evicted_range(span)
-            event = EvictionEvent(at=position, unit=victim, start=start, stop=stop)
+            event = EvictionEvent(position, victim, self._evicted_range(span))
         self.events.append(event)
         return [event]
 
@@ -449,40 +428,34 @@ class RowLayout:
     def reset(self) -> None:
         """Forget every row and every eviction (a preemption); :attr:`tracker`'s count stays."""
         self.tracker.reset()
-        self._token = np.zeros(64, dtype=np.int64)
-        self._position = np.zeros(64, dtype=np.int64)
-        self._invisible = np.full(64, NEVER, dtype=np.int64)
-        self._row_of_token = np.zeros(64, dtype=np.int64)
-        self.num_rows = 0
-        self.num_tokens = 0
+        self._rows = GrowingTable(3)  # token, logical position, invisible_from
+        self._row_of_token = GrowingTable(1)
         self.doomed: list[range] = []
         """Runs of rows given a finite ``invisible_from`` (the same for the whole run: one eviction
         each) and not yet taken by :meth:`take_dead`."""
 
-    # views over the buffers (copy before keeping)
     @property
-    def row_token(self) -> np.ndarray:
-        return self._token[: self.num_rows]
+    def num_rows(self) -> int:
+        return self._rows.size
 
     @property
-    def row_position(self) -> np.ndarray:
-        """Each row's logical position: the index of the token it carries (its RoPE position)."""
-        return self._position[: self.num_rows]
+    def num_tokens(self) -> int:
+        return self._row_of_token.size
 
-    @property
-    def row_invisible_from(self) -> np.ndarray:
-        return self._invisible[: self.num_rows]
+    def columns(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Views of every row's token, logical position (its RoPE position) and ``invisible_from``."""
+        return self._rows.column(0), self._rows.column(1), self._rows.column(2)
 
     @property
     def row_of_token(self) -> np.ndarray:
-        return self._row_of_token[: self.num_tokens]
+        return self._row_of_token.column(0)
 
     def feed(self, token_ids: Sequence[int] | np.ndarray) -> list[EvictionEvent]:
         """Append the rows of the next tokens (and, in restart mode, the recomputed mementos)."""
         ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
         first_token = self.num_tokens
         events = self.tracker.feed(ids)
-        self._reserve(self.num_tokens + len(ids), self.num_rows + len(ids) + sum(len(e.recompute) for e in events))
+        self._rows.reserve(self.num_rows + len(ids) + sum(len(e.recompute) for e in events))
         done = 0
         for event in events:
             self._append_tokens(ids[done : event.at - first_token])
@@ -495,56 +468,40 @@ class RowLayout:
         first_new_row = self.num_rows
         recompute = event.recompute
         if recompute:
-            sources = self._row_of_token[recompute.start : recompute.stop]
-            self._append_rows(self._token[sources], np.arange(recompute.start, recompute.stop))
+            sources = self.row_of_token[recompute.start : recompute.stop]
+            self._rows.append(self._rows.column(0)[sources], np.arange(recompute.start, recompute.stop), NEVER)
         # A unit's tokens are consecutive rows (copies are only ever inserted after a unit's span),
         # and each unit is evicted once, so the run is new to eviction.
-        first = int(self._row_of_token[event.start])
+        first = int(self.row_of_token[event.evicted.start])
         victims = range(first, first + len(event.evicted))
-        self._invisible[victims.start : victims.stop] = first_new_row
+        self._rows.data[2, victims.start : victims.stop] = first_new_row
         if victims:
             self.doomed.append(victims)
 
     def _append_tokens(self, ids: np.ndarray) -> None:
-        first, count = self.num_tokens, len(ids)
-        self._row_of_token[first : first + count] = np.arange(self.num_rows, self.num_rows + count)
-        self.num_tokens = first + count
-        self._append_rows(ids, np.arange(first, first + count))
-
-    def _append_rows(self, tokens: np.ndarray, positions: np.ndarray) -> None:
-        start, stop = self.num_rows, self.num_rows + len(tokens)
-        self._token[start:stop] = tokens
-        self._position[start:stop] = positions
-        self._invisible[start:stop] = NEVER
-        self.num_rows = stop
-
-    def _reserve(self, tokens: int, rows: int) -> None:
-        """Room for this many tokens and rows (buffers double, so appends stay amortised O(1))."""
-        for name, size in (("_row_of_token", tokens), ("_token", rows), ("_position", rows), ("_invisible", rows)):
-            buffer = getattr(self, name)
-            if size > len(buffer):
-                grown = np.full(max(size, 2 * len(buffer)), NEVER if name == "_invisible" else 0, dtype=np.int64)
-                grown[: len(buffer)] = buffer
-                setattr(self, name, grown)
+        first_row, first_token = self.num_rows, self.num_tokens
+        self._row_of_token.append(np.arange(first_row, first_row + len(ids)))
+        self._rows.append(ids, np.arange(first_token, first_token + len(ids)), NEVER)
 
     def take_dead(self, computed: int) -> list[range]:
         """Runs of rows that no row from ``computed`` on can see (rows below ``computed`` are done):
         their KV can go. Each run is returned once."""
         if not self.doomed:  # only rows an eviction touched can die: no scan of every row
             return []
-        dead = [run for run in self.doomed if self._invisible[run.start] <= computed]
+        invisible = self._rows.column(2)
+        dead = [run for run in self.doomed if invisible[run.start] <= computed]
         if dead:
-            self.doomed = [run for run in self.doomed if self._invisible[run.start] > computed]
+            self.doomed = [run for run in self.doomed if invisible[run.start] > computed]
         return dead
 
     def visibility(self) -> Visibility:
         """The decision so far, for one forward pass over every row."""
         tracker = self.tracker.tracker
-        positions = self.row_position.copy()
+        tokens, positions, invisible_from = (c.copy() for c in self.columns())
         return Visibility(
-            token_ids=self.row_token.copy(),
+            token_ids=tokens,
             position_ids=positions,
-            invisible_from=self.row_invisible_from.copy(),
+            invisible_from=invisible_from,
             source=positions.copy(),
             output_rows=self.row_of_token.copy(),
             events=tuple(tracker.events),

@@ -77,7 +77,7 @@ def reference_logprobs(model, tok, cases, settings: MementoSettings) -> list[tor
         vis = compute_visibility(prompt + forced, specials, settings.mask, assistant_prefix_ids(tok))
         rows = vis.output_rows.copy()
         for ev in vis.events:
-            if ev.recompute_start is not None and ev.at < len(prompt):  # rewound inside the prompt
+            if ev.recompute and ev.at < len(prompt):  # rewound inside the prompt
                 first_copy = int(vis.output_rows[ev.at]) - len(ev.recompute)
                 rows[ev.recompute.start : ev.recompute.stop] = np.arange(first_copy, first_copy + len(ev.recompute))
         (logits,) = forward_logits(model, [dataclasses.replace(vis, output_rows=rows)], pad_token_id=tok.pad_token_id)

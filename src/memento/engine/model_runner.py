@@ -99,23 +99,24 @@ class ModelRunner:
         key_invisible = np.full((batch, k_len), NEVER, dtype=np.int64)
         read_slots = np.zeros((batch, k_len), dtype=np.int64)
         for b, (seq, rows, slots) in enumerate(work):
-            first, q, live, layout = q_len - len(rows), len(rows), seq.num_live, seq.layout
-            input_ids[b, first:] = layout.row_token[rows.start : rows.stop]
-            position_ids[b, first:] = layout.row_position[rows.start : rows.stop]
+            first, q, live = q_len - len(rows), len(rows), seq.num_live
+            row_token, row_position, row_invisible_from = seq.layout.columns()
+            input_ids[b, first:] = row_token[rows.start : rows.stop]
+            position_ids[b, first:] = row_position[rows.start : rows.stop]
             query_rows[b, first:] = rows
             write_slots[b, first:] = slots
             key_rows[b, :live] = seq.live_rows
             key_rows[b, live : live + q] = rows
             read_slots[b, :live] = seq.live_slots
             read_slots[b, live : live + q] = slots
-            key_invisible[b, live : live + q] = layout.row_invisible_from[rows.start : rows.stop]
+            key_invisible[b, live : live + q] = row_invisible_from[rows.start : rows.stop]
             # Only rows an eviction touched have a finite invisible_from: the layout's doomed runs
             # (consecutive rows, so consecutive among the live keys; those computed are all live).
-            for run in layout.doomed:
+            for run in seq.layout.doomed:
                 stop = min(run.stop, seq.computed)
                 if run.start < stop:
                     at = int(np.searchsorted(seq.live_rows, run.start))
-                    key_invisible[b, at : at + stop - run.start] = layout.row_invisible_from[run.start]
+                    key_invisible[b, at : at + stop - run.start] = row_invisible_from[run.start]
         input_ids_t = torch.from_numpy(input_ids)
         position_ids_t = torch.from_numpy(position_ids)
         query_rows_t = torch.from_numpy(query_rows)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from memento.arrays import GrowingTable
 from memento.engine.sampling import SamplingParams
 from memento.masking import BlockCap, RowLayout
 
@@ -91,11 +92,9 @@ class Sequence:
         """
         self.layout.reset()
         self.computed = 0  # rows [0, computed) have had their KV computed
-        # Computed rows that still hold a slot (ascending) and their slots: NumPy buffers grown by
-        # doubling, because the runner reads them whole at every step of every sequence.
-        self._live_rows = np.zeros(64, dtype=np.int64)
-        self._live_slots = np.zeros(64, dtype=np.int64)
-        self._num_live = 0
+        # Computed rows that still hold a slot (ascending) and their slots: the runner reads both
+        # columns whole at every step of every sequence.
+        self._live = GrowingTable(2)
         self._feed(self.all_token_ids())
 
     def all_token_ids(self) -> list[int]:
@@ -134,51 +133,40 @@ class Sequence:
     def mark_computed(self, rows: range, slots: list[int]) -> None:
         """The rows' KV now lives in ``slots``."""
         assert rows.start == self.computed and len(rows) == len(slots)
-        n, grow = self._num_live, len(rows)
-        if n + grow > len(self._live_rows):
-            size = max(2 * len(self._live_rows), n + grow)
-            self._live_rows = np.resize(self._live_rows, size)
-            self._live_slots = np.resize(self._live_slots, size)
-        self._live_rows[n : n + grow] = np.arange(rows.start, rows.stop)
-        self._live_slots[n : n + grow] = slots
-        self._num_live = n + grow
+        self._live.append(np.arange(rows.start, rows.stop), np.asarray(slots, dtype=np.int64))
         self.computed = rows.stop
 
     @property
     def live_rows(self) -> np.ndarray:
         """The computed rows that still hold a KV slot, ascending (a view: copy before keeping)."""
-        return self._live_rows[: self._num_live]
+        return self._live.column(0)
 
     @property
     def live_slots(self) -> np.ndarray:
         """The slot of each of :attr:`live_rows` (a view)."""
-        return self._live_slots[: self._num_live]
+        return self._live.column(1)
 
     @property
     def num_live(self) -> int:
-        return self._num_live
+        return self._live.size
 
     def release_dead(self) -> list[int]:
         """Drop (and return the slots of) live rows no pending or future row can see."""
         dead = self.layout.take_dead(self.computed)
         if not dead:
             return []
-        live = self.live_rows
-        gone = np.zeros(self._num_live, dtype=bool)
+        gone = np.zeros(self.num_live, dtype=bool)
         for run in dead:  # a run is consecutive rows, so consecutive among the live ones
-            lo, hi = np.searchsorted(live, (run.start, run.stop))
+            lo, hi = np.searchsorted(self.live_rows, (run.start, run.stop))
             gone[lo:hi] = True
         slots = self.live_slots[gone].tolist()
-        n = self._num_live - len(slots)
-        self._live_rows[:n] = live[~gone]
-        self._live_slots[:n] = self.live_slots[~gone]
-        self._num_live = n
+        self._live.keep(~gone)
         return slots
 
     def release_all(self) -> list[int]:
         """Every slot this sequence holds (for preemption or when it finishes)."""
         slots = self.live_slots.tolist()
-        self._num_live = 0
+        self._live.size = 0
         return slots
 
     # -- state -------------------------------------------------------------------------------
