@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import typer
+import typer.main
 from typer.testing import CliRunner
 
 from memento import cli
 from memento.cli import app
+from memento.cli import validate as validate_module
 from memento.format import MementoTrace, record_from_trace, render_response
 from memento.records_io import write_records
 from memento.stats import trace_stats
@@ -130,8 +137,8 @@ def test_validate_max_errors_caps_the_listing_but_counts_all(tmp_path: Path) -> 
 
 
 def test_validate_progress_bar_goes_to_stderr_not_json_stdout(good_jsonl: Path, monkeypatch) -> None:
-    monkeypatch.setattr(cli, "_stderr_is_terminal", lambda: True)
-    monkeypatch.setattr(cli, "PROGRESS_MIN_RECORDS", 1)
+    monkeypatch.setattr(validate_module, "stderr_is_terminal", lambda: True)
+    monkeypatch.setattr(validate_module, "PROGRESS_MIN_RECORDS", 1)
     result = invoke("validate", good_jsonl, "--json")
     assert result.exit_code == 0
     assert json.loads(result.stdout)["records"] == 3
@@ -205,13 +212,39 @@ def test_validate_usage_errors_exit_2(tmp_path: Path) -> None:
 
 
 def test_python_dash_m_and_console_script_entry_point() -> None:
-    import subprocess
-    import sys
-
     done = subprocess.run([sys.executable, "-m", "memento", "--help"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0
     assert "validate" in done.stdout and "inspect" in done.stdout
     assert callable(cli.main)
+
+
+def test_the_help_listing_shows_each_commands_own_summary() -> None:
+    """`memento --help` lists cli.COMMANDS without importing the commands: each entry must name the
+    module that holds the command and repeat the first paragraph of its help."""
+    group = typer.main.get_command(app)
+    ctx = typer.Context(group)
+    for name, entry in cli.COMMANDS.items():
+        command = group.get_command(ctx, name)
+        assert command is not None and command.name == name
+        assert inspect.cleandoc(command.help or "").split("\n\n")[0] == entry.summary, name
+    for module_name in {entry.module for entry in cli.COMMANDS.values()}:
+        module = importlib.import_module(f"memento.cli.{module_name}")
+        listed = {name for name, entry in cli.COMMANDS.items() if entry.module == module_name}
+        assert set(typer.main.get_group(module.app).list_commands(ctx)) == listed
+
+
+def test_help_and_validate_import_neither_torch_nor_the_other_commands(good_jsonl: Path) -> None:
+    script = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from memento.cli import app\n"
+        "for args in (['--help'], ['validate', sys.argv[1]]):\n"
+        "    assert CliRunner().invoke(app, args).exit_code == 0\n"
+        "    print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('memento.cli.')))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(good_jsonl)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["[]", "['memento.cli.common', 'memento.cli.validate']"]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from memento.records_io import pin_settings
 from memento.synth import DEFAULT_TASK
 
 DEMO_KNOBS: dict[str, int] = {"min_steps": 36, "max_steps": 44, "steps_per_block": 7}
@@ -101,18 +102,12 @@ def _prepare_data(config: DemoConfig, data_dir: Path, log: Callable[[str], None]
 
 def _check_config(config: DemoConfig, out: Path) -> None:
     """Refuse to resume a run made with other settings (its checkpoints would be mixed in)."""
-    saved = out / "demo-config.json"
-    current = asdict(config)
-    if saved.exists():
-        previous = json.loads(saved.read_text())
-        if previous != current:
-            changed = sorted(k for k in current if previous.get(k) != current[k])
-            raise SystemExit(
-                f"{out} holds a demo run made with other settings ({', '.join(changed)} differ): "
-                f"use another --out, or --fresh to start over there"
-            )
-    out.mkdir(parents=True, exist_ok=True)
-    saved.write_text(json.dumps(current, indent=2) + "\n")
+    changed = pin_settings(out / "demo-config.json", asdict(config))
+    if changed:
+        raise SystemExit(
+            f"{out} holds a demo run made with other settings ({', '.join(changed)} differ): "
+            f"use another --out, or --fresh to start over there"
+        )
 
 
 def train_models(config: DemoConfig, out: Path, log: Callable[[str], None] = print) -> dict[str, Any]:

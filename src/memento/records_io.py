@@ -288,3 +288,33 @@ def write_records(path: str | Path, records: Iterable[Mapping[str, Any]], *, for
         tmp.unlink(missing_ok=True)
         raise
     return count
+
+
+def write_json_atomic(path: str | Path, obj: Any, *, indent: int | None = None) -> None:
+    """Write JSON via a temp file in the same directory, fsync, then rename: a reader (or a rerun
+    after a crash) sees either no file or a complete one, never a torn file."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, ensure_ascii=False, indent=indent)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def pin_settings(path: str | Path, settings: Mapping[str, Any]) -> list[str]:
+    """Pin a resumable run's settings to its output: written the first time; on a rerun, the names
+    of the settings that differ from the pinned ones (empty when none), so the caller can refuse
+    to mix two runs in one directory."""
+    current = json.loads(json.dumps(settings))  # as it reads back (tuples become lists)
+    p = Path(path)
+    if not p.exists():
+        write_json_atomic(p, current, indent=1)
+        return []
+    previous = json.loads(p.read_text())
+    return sorted(k for k in current.keys() | previous.keys() if previous.get(k) != current.get(k))

@@ -19,14 +19,12 @@ draw several samples, make the requests differ (e.g. pass a distinct ``seed=``).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import email.utils
 import hashlib
 import json
 import logging
 import os
 import random
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -35,6 +33,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+from memento.records_io import write_json_atomic
 
 __all__ = ["ChatResult", "LLMClient", "LLMConfig", "LLMError", "LLMStats", "cache_key"]
 
@@ -445,7 +445,7 @@ class LLMClient:
             "created": time.time(),
         }
         try:
-            await asyncio.to_thread(_write_json_atomic, path, entry)
+            await asyncio.to_thread(write_json_atomic, path, entry)
         except OSError as exc:
             # The answer is still good; losing its cache entry only costs a repeat call on a rerun.
             log.warning("could not write cache entry %s: %s", path, exc)
@@ -454,20 +454,3 @@ class LLMClient:
 def _read_json(path: Path) -> Any:
     with open(path, encoding="utf-8") as f:
         return json.load(f)
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    """Write via a temp file in the same directory, fsync, then rename: a reader (or a rerun after a
-    crash) sees either no entry or a complete one, never a torn file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, ensure_ascii=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise

@@ -18,8 +18,6 @@ the reason, never into the data with a guessed memento.
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,7 +29,7 @@ from memento.data.segment import segment
 from memento.data.sentences import split_sentences, split_think
 from memento.data.summarize import SummarizeSettings, summarize_trace
 from memento.format import MementoTrace, MementoUnit, TraceLayout, record_from_trace
-from memento.records_io import RecordReadError, read_records, write_records
+from memento.records_io import RecordReadError, pin_settings, read_records, write_json_atomic, write_records
 
 THINK_START, THINK_END = "<think>", "</think>"
 
@@ -171,31 +169,15 @@ def _shard_path(config: PipelineConfig, kind: str, shard: int) -> Path:
     return _shard_dir(config) / f"{kind}-{shard:05d}.jsonl"
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _check_settings(config: PipelineConfig) -> None:
     """A rerun into an output made with other settings would mix two datasets: refuse it."""
     config.output.mkdir(parents=True, exist_ok=True)
     _shard_dir(config).mkdir(exist_ok=True)
-    saved = config.output / "settings.json"
-    current = json.loads(json.dumps(config.fingerprint()))  # as it reads back (tuples become lists)
-    if saved.exists():
-        previous = json.loads(saved.read_text())
-        if previous != current:
-            changed = sorted(k for k in current if previous.get(k) != current[k])
-            raise ValueError(
-                f"{config.output} was built with other settings ({', '.join(changed)} differ): "
-                "use another output directory"
-            )
-    else:
-        _write_json_atomic(saved, current)
+    changed = pin_settings(config.output / "settings.json", config.fingerprint())
+    if changed:
+        raise ValueError(
+            f"{config.output} was built with other settings ({', '.join(changed)} differ): use another output directory"
+        )
 
 
 def _read_input(config: PipelineConfig) -> list[tuple[Any, dict[str, Any] | str]]:
@@ -211,7 +193,7 @@ def _write_shard(config: PipelineConfig, shard: int, results: list[dict[str, Any
     for kind in ("default", "full", "meta", "failed"):
         rows = [r[kind] for r in results if kind in r]
         write_records(_shard_path(config, kind, shard), rows, format="jsonl")
-    _write_json_atomic(_shard_path(config, "done", shard).with_suffix(".json"), {"records": len(results)})
+    write_json_atomic(_shard_path(config, "done", shard).with_suffix(".json"), {"records": len(results)}, indent=1)
 
 
 def _merge(config: PipelineConfig, shards: int) -> dict[str, int]:
@@ -290,5 +272,5 @@ async def run_pipeline(config: PipelineConfig, progress: Callable[[int, int], No
     summary = {"records": total, "shards": shards, "resumed_shards": len(done), **counts, "llm": stats}
     if judge_stats is not None:
         summary["judge_llm"] = judge_stats
-    _write_json_atomic(config.output / "summary.json", summary)
+    write_json_atomic(config.output / "summary.json", summary, indent=1)
     return summary

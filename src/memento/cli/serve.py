@@ -1,0 +1,150 @@
+"""``memento serve``: a model over the OpenAI API with in-place KV eviction, either on the embedded
+engine (memento.serve.server under uvicorn) or handed over to vLLM's own server with the memento
+backend (memento.vllm.serve replaces this process with it)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import torch
+import typer
+import uvicorn
+from rich.console import Console
+
+from memento.cli.common import (
+    DtypeOpt,
+    KeepLastBlockOpt,
+    KeepLastNOpt,
+    KvBudgetOpt,
+    MaskDelimitersOpt,
+    MaxBlockTokensOpt,
+    MaxNumSeqsOpt,
+    ModelArg,
+    RestartOpt,
+    fail,
+    mask_config,
+    require_exists,
+)
+from memento.engine import EngineConfig
+from memento.masking import CHAT_MEMENTO, MaskConfig
+from memento.serve.server import build_app
+from memento.vllm.config import MementoSettings
+from memento.vllm.serve import check_vllm_available, exec_vllm_serve, vllm_serve_argv
+
+app = typer.Typer()
+
+
+@app.command("serve")
+def serve_command(
+    model: ModelArg,
+    host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=0, max=65535)] = 8000,
+    served_model_name: Annotated[
+        str | None, typer.Option("--served-model-name", help="The name clients ask for (default: the directory).")
+    ] = None,
+    kv_budget_tokens: KvBudgetOpt = 32768,
+    max_num_seqs: MaxNumSeqsOpt = 64,
+    keep_last_n: KeepLastNOpt = 0,
+    mask_delimiters: MaskDelimitersOpt = False,
+    keep_last_block_for_answer: KeepLastBlockOpt = False,
+    restart: RestartOpt = False,
+    max_block_tokens: MaxBlockTokensOpt = None,
+    max_pending_requests: Annotated[
+        int, typer.Option("--max-pending-requests", min=1, help="Requests in flight before answering 429.")
+    ] = 256,
+    shutdown_timeout: Annotated[
+        float, typer.Option("--shutdown-timeout", min=0, help="Seconds in-flight requests get to finish on shutdown.")
+    ] = 30.0,
+    dtype: DtypeOpt = "auto",
+    torch_threads: Annotated[
+        int,
+        typer.Option(
+            "--torch-threads",
+            min=0,
+            help="CPU threads for the model; 0: all cores but one (the HTTP side needs one: BENCHMARKS.md).",
+        ),
+    ] = 0,
+    backend: Annotated[
+        str,
+        typer.Option(
+            "--backend",
+            help="engine: the embedded engine (this server); vllm: vLLM's own OpenAI server with memento eviction.",
+        ),
+    ] = "engine",
+    block_size: Annotated[
+        int, typer.Option("--block-size", min=1, help="vLLM backend: tokens per KV page (CPU: a multiple of 32).")
+    ] = 128,
+    vllm_args: Annotated[
+        list[str] | None,
+        typer.Option("--vllm-arg", help="vLLM backend: one more `vllm serve` flag (--vllm-arg=--max-model-len=4096)."),
+    ] = None,
+) -> None:
+    """Serve a model over the OpenAI API (completions, chat, streaming) with in-place KV eviction.
+
+    /v1/completions, /v1/chat/completions, /v1/models, /health and /metrics (Prometheus). Chat
+    answers carry the reasoning (blocks and mementos) in reasoning_content and the answer in content;
+    usage adds the request's peak KV and evicted tokens. With --backend vllm the same settings run
+    inside `vllm serve` (memento.vllm; pip install 'memento[vllm]'), whose routes and metrics are vLLM's.
+    """
+    require_exists(model)
+    if backend not in ("engine", "vllm"):
+        fail(f"--backend must be engine or vllm, not {backend!r}")
+    mask = mask_config(
+        CHAT_MEMENTO,
+        keep_last_n=keep_last_n,
+        mask_delimiters=mask_delimiters,
+        keep_last_block_for_answer=keep_last_block_for_answer,
+        restart=restart,
+    )
+    if backend == "vllm":
+        _serve_with_vllm(
+            model,
+            host=host,
+            port=port,
+            served_model_name=served_model_name,
+            kv_budget_tokens=kv_budget_tokens,
+            block_size=block_size,
+            max_num_seqs=max_num_seqs,
+            dtype=dtype,
+            mask=mask,
+            max_block_tokens=max_block_tokens,
+            extra=vllm_args or [],
+        )
+        return
+    try:
+        config = EngineConfig(
+            kv_budget_tokens=kv_budget_tokens,
+            max_num_seqs=max_num_seqs,
+            mask=mask,
+            max_block_tokens=max_block_tokens,
+        )
+        server_app = build_app(
+            model,
+            config,
+            model_name=served_model_name,
+            dtype=dtype,
+            max_pending_requests=max_pending_requests,
+            shutdown_timeout=shutdown_timeout,
+        )
+    except ValueError as exc:
+        fail(str(exc), code=1)
+    threads = torch_threads or max(1, (os.cpu_count() or 2) - 1)
+    torch.set_num_threads(threads)
+    Console(stderr=True).print(f"serving {model} on http://{host}:{port}/v1 ({mask.mode}, {threads} torch threads)")
+    uvicorn.run(server_app, host=host, port=port, log_level="info", timeout_graceful_shutdown=int(shutdown_timeout))
+
+
+def _serve_with_vllm(
+    model: Path, *, mask: MaskConfig, max_block_tokens: int | None, extra: list[str], **options: Any
+) -> None:
+    """Replace this process with `vllm serve` running the memento backend (memento.vllm.serve)."""
+    try:
+        settings = MementoSettings(mask=mask, max_block_tokens=max_block_tokens)
+        check_vllm_available()
+    except (ValueError, RuntimeError) as exc:
+        fail(str(exc), code=1)
+    argv = vllm_serve_argv(model, settings, extra=extra, **options)
+    Console(stderr=True).print("exec: " + " ".join(argv))
+    exec_vllm_serve(argv)
