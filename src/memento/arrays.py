@@ -37,6 +37,13 @@ class GrowingTable:
             self.data[index, start : start + count] = values
         self.size = start + count
 
+    def append_row(self, *values: int) -> None:
+        """One row (the common case of a decode step, without the array machinery of :meth:`append`)."""
+        if self.size == self.data.shape[1]:
+            self.reserve(self.size + 1)
+        self.data[:, self.size] = values
+        self.size += 1
+
     def keep(self, rows: np.ndarray) -> None:
         """Keep only the rows in use where ``rows`` (a boolean mask over them) is True, in order."""
         kept = self.data[:, : self.size][:, rows]

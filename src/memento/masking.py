@@ -455,6 +455,10 @@ class RowLayout:
         ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
         first_token = self.num_tokens
         events = self.tracker.feed(ids)
+        if len(ids) == 1 and not events:  # a decode step: one row, nothing evicted
+            self._row_of_token.append_row(self.num_rows)
+            self._rows.append_row(int(ids[0]), first_token, NEVER)
+            return events
         self._rows.reserve(self.num_rows + len(ids) + sum(len(e.recompute) for e in events))
         done = 0
         for event in events:
