@@ -86,8 +86,8 @@ def simulate(ids, specials, config: MaskConfig, prefix, prompt_len: int, rng: ra
             kv, computed, recompute = [], 0, None
             state.reset(ids[:known])
     assert state.pending == type(state.pending)()
-    assert state.evictions == len(vis.events)
-    assert state.evicted_tokens == sum(len(ev.evicted) for ev in vis.events)
+    assert state.applied.evictions == len(vis.events)
+    assert state.applied.evicted_tokens == sum(len(ev.evicted) for ev in vis.events)
     return state
 
 
@@ -117,7 +117,7 @@ def test_a_block_evicted_in_decode_slides_its_memento_down():
     assert applied.compaction == Compaction(moves=((6, 3, 3),), num_tokens=6)
     assert applied.rewind_to is None and state.shift == 3
     assert state.physical(9) == 6 and state.is_evicted(4) and not state.is_evicted(6)
-    assert state.evictions == 1 and state.evicted_tokens == 3
+    assert state.applied.evictions == 1 and state.applied.evicted_tokens == 3
 
 
 def test_restart_rewinds_to_the_memento():

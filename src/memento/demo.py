@@ -177,15 +177,14 @@ def train_models(config: DemoConfig, out: Path, log: Callable[[str], None] = pri
 
 def evaluate_models(config: DemoConfig, models: dict[str, Path], show_progress: bool = True) -> dict[str, Any]:
     """control [vanilla], memento [memento], memento [restart]: same problems, same KV budget."""
-    from memento.eval.run import EvalSettings, Mode, evaluate_model, load_model
+    from memento.eval.run import GREEDY, EvalSettings, Mode, evaluate_model, load_model
     from memento.eval.tasks import synthetic_task_set
 
     task_set = synthetic_task_set(config.task, config.test_problems, split="test", seed=1, knobs=config.knobs)
     settings = EvalSettings(
-        max_tokens=config.max_tokens,
+        sampling=replace(GREEDY, max_tokens=config.max_tokens, seed=config.seed),
         kv_budget_tokens=config.kv_budget_tokens,
         max_num_seqs=config.max_num_seqs,
-        seed=config.seed,
     )
     runs = []
     start = time.perf_counter()

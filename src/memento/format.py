@@ -98,6 +98,20 @@ class ParseState(enum.Enum):
     AFTER_THINK = "after </think>"
 
 
+_UNFINISHED: dict[ParseState, tuple[str, str]] = {
+    ParseState.IN_BLOCK: (
+        "{unit} left open: </think> came before <|block_end|>",
+        "{unit} left open: no <|block_end|>",
+    ),
+    ParseState.AWAIT_SUMMARY: ("{unit} has no memento: </think> came first", "{unit} has no memento"),
+    ParseState.IN_SUMMARY: (
+        "the memento of {unit} left open: </think> came before <|summary_end|>",
+        "the memento of {unit} left open: no <|summary_end|>",
+    ),
+}
+"""The states in which the reasoning may not end, with why: at ``</think>``, at the end of the trace."""
+
+
 @dataclass
 class UnitSpan:
     """Where one (block, memento) unit's four delimiters sit; None while not yet seen."""
@@ -155,6 +169,21 @@ class StructureParser:
     @property
     def _current(self) -> str:
         return _ordinal(len(self.units) - 1)
+
+    def _mark(self, position: int, delimiter: str, then: ParseState, *, empty: str | None = None) -> None:
+        """Record ``position`` as the current unit's ``delimiter`` (a :class:`UnitSpan` field) and move
+        to state ``then``; with ``empty``, first fail for that reason (``{unit}``: the unit's name) if
+        nothing came since the last special token (an empty block or memento)."""
+        if empty is not None and not self._has_content(position):
+            raise self._fail(empty.format(unit=self._current), position)
+        setattr(self.units[-1], delimiter, position)
+        self.state = then
+
+    def _require_finished_unit(self, position: int, *, at_think_end: bool) -> None:
+        """Fail if the reasoning ends (at ``</think>``, or at the end of the trace) inside a unit."""
+        reasons = _UNFINISHED.get(self.state)
+        if reasons is not None:
+            raise self._fail(reasons[0 if at_think_end else 1].format(unit=self._current), position)
 
     # -- feeding -------------------------------------------------------------------------------
     def feed_plain(self, position: int, blank: bool) -> None:
@@ -243,10 +272,7 @@ class StructureParser:
             raise self._fail(f"second <|block_end|> for {self._current}", position)
         if state is ParseState.IN_SUMMARY:
             raise self._fail(f"<|block_end|> inside the memento of {self._current}", position)
-        if not self._has_content(position):
-            raise self._fail(f"empty block: {self._current} has no reasoning", position)
-        self.units[-1].block_end = position
-        self.state = ParseState.AWAIT_SUMMARY
+        self._mark(position, "block_end", ParseState.AWAIT_SUMMARY, empty="empty block: {unit} has no reasoning")
 
     def _summary_start(self, position: int) -> None:
         self._outside_think(SUMMARY_START, position)
@@ -265,18 +291,14 @@ class StructureParser:
             )
         if state is ParseState.IN_SUMMARY:
             raise self._fail(f"nested <|summary_start|> inside the memento of {self._current}", position)
-        self.units[-1].summary_start = position
-        self.state = ParseState.IN_SUMMARY
+        self._mark(position, "summary_start", ParseState.IN_SUMMARY)
 
     def _summary_end(self, position: int) -> None:
         self._outside_think(SUMMARY_END, position)
         state = self.state
         if state is not ParseState.IN_SUMMARY:
             raise self._fail(f"<|summary_end|> without <|summary_start|> ({state.value})", position)
-        if not self._has_content(position):
-            raise self._fail(f"empty memento: {self._current}'s memento has no text", position)
-        self.units[-1].summary_end = position
-        self.state = ParseState.BETWEEN
+        self._mark(position, "summary_end", ParseState.BETWEEN, empty="empty memento: {unit}'s memento has no text")
 
     def _think_start(self, position: int) -> None:
         if not self.require_think:
@@ -295,29 +317,15 @@ class StructureParser:
             return
         if self.require_think and self.think_start is None:
             raise self._fail("</think> without <think>", position)
-        if state is ParseState.IN_BLOCK:
-            raise self._fail(f"{self._current} left open: </think> came before <|block_end|>", position)
-        if state is ParseState.AWAIT_SUMMARY:
-            raise self._fail(f"{self._current} has no memento: </think> came first", position)
-        if state is ParseState.IN_SUMMARY:
-            raise self._fail(
-                f"the memento of {self._current} left open: </think> came before <|summary_end|>",
-                position,
-            )
+        self._require_finished_unit(position, at_think_end=True)
         self.think_end = position
         self.state = ParseState.AFTER_THINK
 
     def finish(self, end: int) -> None:
         """Checks that hold only for a complete trace; ``end`` is the position past the last one."""
-        state = self.state
         if self.require_think and self.think_start is None:
             raise self._fail("no <think>: a memento response opens with <think>", end)
-        if state is ParseState.IN_BLOCK:
-            raise self._fail(f"{self._current} left open: no <|block_end|>", end)
-        if state is ParseState.AWAIT_SUMMARY:
-            raise self._fail(f"{self._current} has no memento", end)
-        if state is ParseState.IN_SUMMARY:
-            raise self._fail(f"the memento of {self._current} left open: no <|summary_end|>", end)
+        self._require_finished_unit(end, at_think_end=False)
         if self.require_think and self.think_end is None:
             raise self._fail("the think section is never closed: no </think>", end)
         if self.require_think and not self.units:

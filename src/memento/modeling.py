@@ -426,14 +426,13 @@ def build_tiny_model(
             f"num_attention_heads {num_attention_heads} is not a multiple of num_key_value_heads {num_key_value_heads}"
         )
     config_cls, model_cls = archs[arch]
-    vocab_size = max(len(tokenizer), max(tokenizer.get_vocab().values()) + 1)
     special = {
         "pad_token_id": tokenizer.pad_token_id,
         "eos_token_id": tokenizer.eos_token_id,
         "bos_token_id": tokenizer.bos_token_id,
     }
     config = config_cls(
-        vocab_size=vocab_size,
+        vocab_size=max(len(tokenizer), max(tokenizer.get_vocab().values()) + 1),  # a row for every id
         hidden_size=hidden_size,
         intermediate_size=intermediate_size,
         num_hidden_layers=num_hidden_layers,

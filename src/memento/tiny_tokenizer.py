@@ -21,6 +21,10 @@ IM_END = "<|im_end|>"
 PAD = "<|endoftext|>"
 UNK = "<|unk|>"
 
+TOKEN_ROLES: dict[str, str | None] = {"pad_token": PAD, "unk_token": UNK, "eos_token": IM_END, "bos_token": None}
+"""The tokenizer's role tokens, as ``PreTrainedTokenizerFast`` takes them: a ChatML turn ends with
+``<|im_end|>`` (generation stops there) and nothing opens a sequence."""
+
 DEFAULT_ALPHABET = string.ascii_letters + string.digits + " \n" + "+-*/=<>()[]{}.,:;!?'\"_#%&|^~@$\\"
 """The characters the tiny tokenizer knows; anything else becomes ``<|unk|>``."""
 
@@ -54,10 +58,7 @@ def build_tiny_tokenizer(alphabet: str = DEFAULT_ALPHABET):
     core.decoder = decoders.Fuse()  # join characters back without spaces
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=core,
-        pad_token=PAD,
-        unk_token=UNK,
-        eos_token=IM_END,
-        bos_token=None,
+        **TOKEN_ROLES,
         additional_special_tokens=[IM_START, *MEMENTO_TOKENS, *THINK_TOKENS],
         chat_template=CHATML_TEMPLATE,
         clean_up_tokenization_spaces=False,

@@ -23,32 +23,27 @@ if TYPE_CHECKING:
 
 
 class Role(enum.IntEnum):
-    """What a token is, for colouring."""
+    """What a token is, for colouring: each role with its legend label and its colour."""
 
-    PROMPT = 0
-    BLOCK = 1
-    BLOCK_DELIMITER = 2
-    MEMENTO = 3
-    ANSWER = 4
-    MEMENTO_RECOMPUTED = 5
+    label: str
+    colour: str
+
+    def __new__(cls, value: int, label: str, colour: str) -> Role:
+        role = int.__new__(cls, value)
+        role._value_ = value
+        role.label, role.colour = label, colour
+        return role
+
+    PROMPT = 0, "prompt, <think>, </think>, gaps", "#7f7f7f"
+    BLOCK = 1, "block reasoning", "#4c72b0"
+    BLOCK_DELIMITER = 2, "<|block_start|> / <|block_end|>", "#c44eb8"
+    MEMENTO = 3, "memento (with its delimiters)", "#2ca02c"
+    ANSWER = 4, "answer", "#e6a800"
+    MEMENTO_RECOMPUTED = 5, "memento, recomputed (restart)", "#17becf"
 
 
-ROLE_LABELS: dict[Role, str] = {
-    Role.PROMPT: "prompt, <think>, </think>, gaps",
-    Role.BLOCK: "block reasoning",
-    Role.BLOCK_DELIMITER: "<|block_start|> / <|block_end|>",
-    Role.MEMENTO: "memento (with its delimiters)",
-    Role.ANSWER: "answer",
-    Role.MEMENTO_RECOMPUTED: "memento, recomputed (restart)",
-}
-ROLE_COLOURS: dict[Role, str] = {
-    Role.PROMPT: "#7f7f7f",
-    Role.BLOCK: "#4c72b0",
-    Role.BLOCK_DELIMITER: "#c44eb8",
-    Role.MEMENTO: "#2ca02c",
-    Role.ANSWER: "#e6a800",
-    Role.MEMENTO_RECOMPUTED: "#17becf",
-}
+ROLE_LABELS: dict[Role, str] = {role: role.label for role in Role}
+ROLE_COLOURS: dict[Role, str] = {role: role.colour for role in Role}
 HIDDEN_COLOUR = "#d9d9d9"
 FUTURE_COLOUR = "#ffffff"
 
@@ -154,7 +149,7 @@ def mask_image(vis: Visibility, rows_roles: np.ndarray, max_tokens: int | None =
     n = len(vis)
     m = n if max_tokens is None else min(n, max_tokens)
     mask = dense_mask(torch.from_numpy(np.ascontiguousarray(vis.invisible_from[:m]))[None])[0, 0].numpy()
-    palette = np.stack([_rgb(ROLE_COLOURS[role]) for role in Role])
+    palette = np.stack([_rgb(role.colour) for role in Role])
     key_colour = palette[np.asarray(rows_roles[:m], dtype=np.int64)]  # (m, 3), by key column
     image = np.empty((m, m, 3), dtype=np.float32)
     image[:] = _rgb(FUTURE_COLOUR)
@@ -209,7 +204,7 @@ def draw_mask_png(
     ax.set_ylabel(row_label)
     ax.set_title(title if not note else f"{title}\n{note}", fontsize=10)
     present = sorted({int(r) for r in np.asarray(roles[:m])})
-    handles = [Patch(facecolor=ROLE_COLOURS[Role(r)], edgecolor="black", label=ROLE_LABELS[Role(r)]) for r in present]
+    handles = [Patch(facecolor=Role(r).colour, edgecolor="black", label=Role(r).label) for r in present]
     handles += [
         Patch(facecolor=HIDDEN_COLOUR, edgecolor="black", label="hidden: past but evicted"),
         Patch(facecolor=FUTURE_COLOUR, edgecolor="black", label="future (causal)"),

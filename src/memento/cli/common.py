@@ -1,5 +1,6 @@
 """What the command modules share: the error exit, opening records and tokenizers, records as traces,
-progress bars, and the options several commands take, each declared once here.
+progress bars, the options several commands take, each declared once here, and the settings objects
+built from a command's options (:func:`settings_from`, :func:`mask_config`).
 
 Nothing here imports torch (memento.masking does): ``memento validate`` uses this module too.
 """
@@ -7,11 +8,12 @@ Nothing here imports torch (memento.masking does): ``memento validate`` uses thi
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
@@ -38,6 +40,8 @@ Record = dict[str, Any] | RecordReadError
 """One record as memento.records_io yields it: the JSON object, or why it could not be read."""
 Outcome = MementoTrace[str] | MementoFormatError
 """A record's trace, or the defect that keeps it from being one."""
+T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
 
 FULL_SCHEMA_FIELDS = ("sentences", "blocks", "block_summaries")
 
@@ -211,7 +215,8 @@ TopPOpt = Annotated[float, typer.Option("--top-p")]
 TopKOpt = Annotated[int, typer.Option("--top-k", help="-1: off.")]
 MaxTokensOpt = Annotated[int, typer.Option("--max-tokens", min=1)]
 
-# The memento mask: masking.MaskConfig's knobs (inspect, train, generate, serve).
+# The memento mask: masking.MaskConfig's knobs (inspect, train, generate, serve), in a help panel of
+# their own; a command takes them with @mask_options and builds its MaskConfig with mask_config.
 MASK_PANEL = "Memento mask"
 KeepLastNOpt = Annotated[
     int,
@@ -247,9 +252,68 @@ RestartOpt = Annotated[
 ]
 
 
-def mask_config(base: MaskConfig, code: int = 1, **knobs: int | bool) -> MaskConfig:
-    """``base`` with the mask options given on the command line, or exit ``code`` saying what is wrong."""
+def _mask_knobs(
+    keep_last_n: KeepLastNOpt = 0,
+    mask_delimiters: MaskDelimitersOpt = False,
+    keep_last_block_for_answer: KeepLastBlockOpt = False,
+    restart: RestartOpt = False,
+) -> None:
+    """The mask options as command parameters, for :func:`mask_options` to hand out."""
+
+
+def mask_options(*names: str) -> Callable[[F], F]:
+    """Give the decorated command the mask options ``names`` (default: all of them).
+
+    They come after the command's own parameters (the help shows them in the "Memento mask" panel
+    anyway), and the command receives them in its ``**mask_knobs`` parameter, which it hands to
+    :func:`mask_config`.
+    """
+    every = inspect.signature(_mask_knobs, eval_str=True).parameters
+    options = [every[name].replace(kind=inspect.Parameter.KEYWORD_ONLY) for name in names or every]
+
+    def add(command: F) -> F:
+        signature = inspect.signature(command, eval_str=True)
+        *parameters, rest = signature.parameters.values()
+        if rest.kind is not inspect.Parameter.VAR_KEYWORD:
+            raise TypeError(f"{command.__name__} takes no **mask_knobs: it cannot receive the mask options")
+        command.__signature__ = signature.replace(parameters=[*parameters, *options])  # type: ignore[attr-defined]
+        return command
+
+    return add
+
+
+# ----------------------------------------------------------------------------------------------
+# Settings objects from a command's options
+# ----------------------------------------------------------------------------------------------
+
+
+def fields_in(target: Any, options: Mapping[str, Any]) -> dict[str, Any]:
+    """The entries of ``options`` named like a field of ``target``: a dataclass (class or instance),
+    or a function, whose fields are then its keyword-only parameters."""
+    if dataclasses.is_dataclass(target):
+        names = {f.name for f in dataclasses.fields(target) if f.init}
+    else:
+        parameters = inspect.signature(target).parameters.values()
+        names = {p.name for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    return {name: value for name, value in options.items() if name in names}
+
+
+def settings_from(cls: type[T], options: Mapping[str, Any], /, **values: Any) -> T:
+    """The dataclass ``cls`` built from a command's options: ``options`` is the command's ``locals()``,
+    of which the entries named like a field of ``cls`` are taken; ``values`` add (or override) fields.
+
+    A command option named like a settings field *is* that field (``--max-steps`` sets
+    ``SFTSettings.max_steps``), so it is spelled once, in the command's signature; ``values`` are the
+    fields the command computes or names differently (``stage1=settings``, ``model_path=model``).
+    Call it before binding locals of other meaning under a field's name.
+    """
+    return cls(**{**fields_in(cls, options), **values})
+
+
+def mask_config(base: MaskConfig, mask_knobs: Mapping[str, Any], code: int = 1) -> MaskConfig:
+    """``base`` with the mask options given on the command line (``mask_knobs``: see
+    :func:`mask_options`), or exit ``code`` saying what is wrong."""
     try:
-        return dataclasses.replace(base, **knobs)
+        return dataclasses.replace(base, **mask_knobs)
     except ValueError as exc:
         fail(str(exc), code=code)

@@ -19,11 +19,11 @@ from memento.cli.common import (
     progress_bar,
     read_traces,
     require_exists,
+    settings_from,
     stderr_is_terminal,
     text_tokenizer,
     tokenizer_label,
 )
-from memento.data.boundaries import BoundarySettings
 from memento.data.llm import LLMConfig
 from memento.data.pipeline import PipelineConfig, SegmentSettings, run_pipeline
 from memento.data.plots import draw_histograms
@@ -79,32 +79,29 @@ def data_build_command(
     from the cache.
     """
     require_exists(input_path)
+    options = dict(locals())
 
     def llm(url: str, name: str) -> LLMConfig:
-        return LLMConfig(
+        return settings_from(
+            LLMConfig,
+            options,
             base_url=url,
             model=name,
-            api_key_env=api_key_env,
             max_concurrency=concurrency,
-            max_retries=max_retries,
             timeout_s=timeout,
             cache_dir=cache_dir or output / "llm-cache",
         )
 
     try:
-        config = PipelineConfig(
+        config = settings_from(
+            PipelineConfig,
+            options,
             input=input_path,
-            output=output,
             llm=llm(base_url, model),
             judge_llm=llm(judge_base_url or base_url, judge_model) if judge_model else None,
-            split=split,
             tokenizer=str(tokenizer) if tokenizer else None,
-            shard_size=shard_size,
-            traces_in_flight=traces_in_flight,
-            limit=limit,
-            boundaries=BoundarySettings(),
-            segmentation=SegmentSettings(lam, min_block_tokens, min_blocks, max_blocks),
-            summarize=SummarizeSettings(threshold=threshold, max_rounds=max_rounds),
+            segmentation=settings_from(SegmentSettings, options),
+            summarize=settings_from(SummarizeSettings, options),
         )
         console = Console(stderr=True)
         with progress_bar("traces", console, enabled=progress and stderr_is_terminal(), elapsed=True) as show:

@@ -21,8 +21,10 @@ from memento.cli.common import (
     fail,
     parse_knobs,
     require_exists,
+    settings_from,
 )
 from memento.demo import run_demo
+from memento.engine import SamplingParams
 from memento.eval.kvsim import PRESETS
 from memento.eval.report import runs_table, write_report
 from memento.eval.run import EvalSettings, Mode, evaluate_model, load_model
@@ -84,17 +86,10 @@ def eval_command(
         unknown = [m for m in kv_models if m not in PRESETS]
         if unknown:
             fail(f"unknown --kv-model {', '.join(unknown)}: one of {', '.join(PRESETS)}")
-        settings = EvalSettings(
-            samples=samples,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            max_tokens=max_tokens,
-            seed=seed,
-            kv_budget_tokens=kv_budget_tokens,
-            max_num_seqs=max_num_seqs,
-            max_block_tokens=max_block_tokens,
-            grader_timeout=grader_timeout,
+        settings = settings_from(
+            EvalSettings,
+            locals(),
+            sampling=settings_from(SamplingParams, locals(), n=samples),
             ks=tuple(int(k) for k in ks.split(",") if k.strip()),
         )
         task_set = load_task_set(
@@ -114,7 +109,7 @@ def eval_command(
     results = {
         "title": f"Evaluation of {model}",
         "task": {"task set": task_set.name, "problems": len(task_set.problems), "grader": task_set.grader},
-        "settings": {k: v for k, v in settings.__dict__.items() if k != "curves_kept"},
+        "settings": settings.results_settings(),
         "runs": runs,
     }
     report = write_report(results, out, kv_models)

@@ -16,23 +16,22 @@ from rich.text import Text
 from memento.chat import chat_prompt
 from memento.cli.common import (
     DtypeOpt,
-    KeepLastBlockOpt,
-    KeepLastNOpt,
     KvBudgetOpt,
-    MaskDelimitersOpt,
     MaxBlockTokensOpt,
     MaxNumSeqsOpt,
     MaxTokensOpt,
     ModelArg,
-    RestartOpt,
     TemperatureOpt,
     TopKOpt,
     TopPOpt,
     fail,
+    fields_in,
     mask_config,
+    mask_options,
     require_exists,
+    settings_from,
 )
-from memento.engine import LLM, SamplingParams
+from memento.engine import LLM, EngineConfig, SamplingParams
 from memento.masking import CHAT_MEMENTO
 from memento.records_io import RecordReadError, read_records
 
@@ -54,6 +53,7 @@ def _read_prompts(path: Path) -> list[str]:
 
 
 @app.command("generate")
+@mask_options()
 def generate_command(
     model: ModelArg,
     prompts_file: Annotated[
@@ -65,10 +65,6 @@ def generate_command(
     chat: Annotated[bool, typer.Option("--chat/--raw", help="Wrap each prompt in the chat template.")] = True,
     kv_budget_tokens: KvBudgetOpt = 32768,
     max_num_seqs: MaxNumSeqsOpt = 64,
-    keep_last_n: KeepLastNOpt = 0,
-    mask_delimiters: MaskDelimitersOpt = False,
-    keep_last_block_for_answer: KeepLastBlockOpt = False,
-    restart: RestartOpt = False,
     max_block_tokens: MaxBlockTokensOpt = None,
     temperature: TemperatureOpt = 0.0,
     top_p: TopPOpt = 1.0,
@@ -77,6 +73,7 @@ def generate_command(
     n: Annotated[int, typer.Option("--n", min=1, help="Samples per prompt.")] = 1,
     seed: Annotated[int | None, typer.Option("--seed")] = None,
     dtype: DtypeOpt = "auto",
+    **mask_knobs: int | bool,
 ) -> None:
     """Generate with the memento engine: blocks are evicted from the KV pool as their mementos close.
 
@@ -88,26 +85,11 @@ def generate_command(
         texts += _read_prompts(prompts_file)
     if not texts:
         fail("give --prompt or --prompts")
-    mask = mask_config(
-        CHAT_MEMENTO,
-        keep_last_n=keep_last_n,
-        mask_delimiters=mask_delimiters,
-        keep_last_block_for_answer=keep_last_block_for_answer,
-        restart=restart,
-    )
+    mask = mask_config(CHAT_MEMENTO, mask_knobs)
     require_exists(model)
     try:
-        params = SamplingParams(
-            n=n, temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens, seed=seed
-        )
-        llm = LLM(
-            model,
-            dtype=dtype,
-            kv_budget_tokens=kv_budget_tokens,
-            max_num_seqs=max_num_seqs,
-            mask=mask,
-            max_block_tokens=max_block_tokens,
-        )
+        params = settings_from(SamplingParams, locals())
+        llm = LLM(model, dtype=dtype, **fields_in(EngineConfig, locals()))
         tokenizer = llm.engine.tokenizer
         inputs = [chat_prompt(tokenizer, t) if chat else t for t in texts]
         start = time.perf_counter()

@@ -17,15 +17,12 @@ from rich.text import Text
 from memento import viz
 from memento.cli.common import (
     FileArg,
-    KeepLastBlockOpt,
-    KeepLastNOpt,
-    MaskDelimitersOpt,
-    RestartOpt,
     SplitOpt,
     TokenizerOpt,
     error_line,
     fail,
     mask_config,
+    mask_options,
     open_source,
     schema_of,
     text_tokenizer,
@@ -182,6 +179,7 @@ def _draw_mask(
 
 
 @app.command("inspect")
+@mask_options()
 def inspect_command(
     file: FileArg,
     record: Annotated[
@@ -198,10 +196,6 @@ def inspect_command(
     mask_png: Annotated[
         Path | None, typer.Option("--mask-png", help="Draw the attention mask to this PNG.", metavar="PATH")
     ] = None,
-    keep_last_n: KeepLastNOpt = 0,
-    mask_delimiters: MaskDelimitersOpt = False,
-    keep_last_block_for_answer: KeepLastBlockOpt = False,
-    restart: RestartOpt = False,
     max_tokens: Annotated[
         int, typer.Option("--max-tokens", min=1, help="Draw at most this many rows/columns of the mask.")
     ] = 512,
@@ -209,6 +203,7 @@ def inspect_command(
         bool, typer.Option("--prompt/--no-prompt", help="Include the problem's tokens in the mask.")
     ] = True,
     split: SplitOpt = None,
+    **mask_knobs: int | bool,
 ) -> None:
     """Show one trace of FILE in colour; with --mask-png, draw who sees what.
 
@@ -217,14 +212,7 @@ def inspect_command(
     """
     config = None
     if mask_png is not None:
-        config = mask_config(
-            MaskConfig(),
-            code=2,
-            keep_last_n=keep_last_n,
-            mask_delimiters=mask_delimiters,
-            keep_last_block_for_answer=keep_last_block_for_answer,
-            restart=restart,
-        )
+        config = mask_config(MaskConfig(), mask_knobs, code=2)
         if not mask_png.parent.is_dir():
             fail(f"cannot write {mask_png}: no directory {mask_png.parent}")
     source = open_source(file, split)

@@ -5,6 +5,7 @@ backend (memento.vllm.serve replaces this process with it)."""
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -15,20 +16,19 @@ from rich.console import Console
 
 from memento.cli.common import (
     DtypeOpt,
-    KeepLastBlockOpt,
-    KeepLastNOpt,
     KvBudgetOpt,
-    MaskDelimitersOpt,
     MaxBlockTokensOpt,
     MaxNumSeqsOpt,
     ModelArg,
-    RestartOpt,
     fail,
+    fields_in,
     mask_config,
+    mask_options,
     require_exists,
+    settings_from,
 )
 from memento.engine import EngineConfig
-from memento.masking import CHAT_MEMENTO, MaskConfig
+from memento.masking import CHAT_MEMENTO
 from memento.serve.server import build_app
 from memento.vllm.config import MementoSettings
 from memento.vllm.serve import check_vllm_available, exec_vllm_serve, vllm_serve_argv
@@ -37,6 +37,7 @@ app = typer.Typer()
 
 
 @app.command("serve")
+@mask_options()
 def serve_command(
     model: ModelArg,
     host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
@@ -46,10 +47,6 @@ def serve_command(
     ] = None,
     kv_budget_tokens: KvBudgetOpt = 32768,
     max_num_seqs: MaxNumSeqsOpt = 64,
-    keep_last_n: KeepLastNOpt = 0,
-    mask_delimiters: MaskDelimitersOpt = False,
-    keep_last_block_for_answer: KeepLastBlockOpt = False,
-    restart: RestartOpt = False,
     max_block_tokens: MaxBlockTokensOpt = None,
     max_pending_requests: Annotated[
         int, typer.Option("--max-pending-requests", min=1, help="Requests in flight before answering 429.")
@@ -80,6 +77,7 @@ def serve_command(
         list[str] | None,
         typer.Option("--vllm-arg", help="vLLM backend: one more `vllm serve` flag (--vllm-arg=--max-model-len=4096)."),
     ] = None,
+    **mask_knobs: int | bool,
 ) -> None:
     """Serve a model over the OpenAI API (completions, chat, streaming) with in-place KV eviction.
 
@@ -91,35 +89,12 @@ def serve_command(
     require_exists(model)
     if backend not in ("engine", "vllm"):
         fail(f"--backend must be engine or vllm, not {backend!r}")
-    mask = mask_config(
-        CHAT_MEMENTO,
-        keep_last_n=keep_last_n,
-        mask_delimiters=mask_delimiters,
-        keep_last_block_for_answer=keep_last_block_for_answer,
-        restart=restart,
-    )
+    mask = mask_config(CHAT_MEMENTO, mask_knobs)
     if backend == "vllm":
-        _serve_with_vllm(
-            model,
-            host=host,
-            port=port,
-            served_model_name=served_model_name,
-            kv_budget_tokens=kv_budget_tokens,
-            block_size=block_size,
-            max_num_seqs=max_num_seqs,
-            dtype=dtype,
-            mask=mask,
-            max_block_tokens=max_block_tokens,
-            extra=vllm_args or [],
-        )
+        _serve_with_vllm(model, locals(), extra=vllm_args or [])
         return
     try:
-        config = EngineConfig(
-            kv_budget_tokens=kv_budget_tokens,
-            max_num_seqs=max_num_seqs,
-            mask=mask,
-            max_block_tokens=max_block_tokens,
-        )
+        config = settings_from(EngineConfig, locals())
         server_app = build_app(
             model,
             config,
@@ -136,15 +111,15 @@ def serve_command(
     uvicorn.run(server_app, host=host, port=port, log_level="info", timeout_graceful_shutdown=int(shutdown_timeout))
 
 
-def _serve_with_vllm(
-    model: Path, *, mask: MaskConfig, max_block_tokens: int | None, extra: list[str], **options: Any
-) -> None:
-    """Replace this process with `vllm serve` running the memento backend (memento.vllm.serve)."""
+def _serve_with_vllm(model: Path, options: Mapping[str, Any], extra: list[str]) -> None:
+    """Replace this process with `vllm serve` running the memento backend (memento.vllm.serve), set by
+    the command's ``options`` named like :class:`MementoSettings` fields or :func:`vllm_serve_argv`'s
+    keywords, and ``extra`` flags."""
     try:
-        settings = MementoSettings(mask=mask, max_block_tokens=max_block_tokens)
+        settings = settings_from(MementoSettings, options)
         check_vllm_available()
     except (ValueError, RuntimeError) as exc:
         fail(str(exc), code=1)
-    argv = vllm_serve_argv(model, settings, extra=extra, **options)
+    argv = vllm_serve_argv(model, settings, extra=extra, **fields_in(vllm_serve_argv, options))
     Console(stderr=True).print("exec: " + " ".join(argv))
     exec_vllm_serve(argv)

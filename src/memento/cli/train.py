@@ -11,12 +11,11 @@ from rich.console import Console
 from rich.text import Text
 
 from memento.cli.common import (
-    KeepLastBlockOpt,
-    KeepLastNOpt,
-    MaskDelimitersOpt,
     fail,
     mask_config,
+    mask_options,
     require_exists,
+    settings_from,
 )
 from memento.format import MementoFormatError
 from memento.masking import CHAT_MEMENTO
@@ -27,6 +26,7 @@ app = typer.Typer()
 
 
 @app.command("train")
+@mask_options("keep_last_n", "mask_delimiters", "keep_last_block_for_answer")
 def train_command(
     train_file: Annotated[Path, typer.Option("--train", help="Training records (JSONL, Parquet or HF dataset dir).")],
     eval_file: Annotated[Path, typer.Option("--eval", help="Validation records: picks each stage's best model.")],
@@ -49,11 +49,9 @@ def train_command(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Examples per step and device.")] = 16,
     grad_accum: Annotated[int, typer.Option("--grad-accum", help="Gradient accumulation steps.")] = 1,
     eval_steps: Annotated[int, typer.Option("--eval-steps", help="Evaluate and checkpoint every N steps.")] = 50,
-    keep_last_n: KeepLastNOpt = 0,
-    mask_delimiters: MaskDelimitersOpt = False,
-    keep_last_block_for_answer: KeepLastBlockOpt = False,
     max_length: Annotated[int | None, typer.Option("--max-length", help="Refuse longer examples.")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Training seed.")] = 42,
+    **mask_knobs: int | bool,
 ) -> None:
     """Two-stage memento SFT: stage 1 with full causal attention, stage 2 with the memento mask
     (the mask options set stage 2's).
@@ -63,30 +61,13 @@ def train_command(
     logs losses to OUTPUT/stageN/log.jsonl, and saves its best model (with the tokenizer) to
     OUTPUT/stageN/best. Every example is checked against the memento grammar before training.
     """
-    settings = SFTSettings(
-        learning_rate=learning_rate,
-        epochs=epochs,
-        max_steps=max_steps,
-        batch_size=batch_size,
-        grad_accum=grad_accum,
-        eval_steps=eval_steps,
-        mask=mask_config(
-            CHAT_MEMENTO,
-            keep_last_n=keep_last_n,
-            mask_delimiters=mask_delimiters,
-            keep_last_block_for_answer=keep_last_block_for_answer,
-        ),
-        max_length=max_length,
-        seed=seed,
-    )
+    settings = settings_from(SFTSettings, locals(), mask=mask_config(CHAT_MEMENTO, mask_knobs))
     require_exists(train_file, eval_file, model)
     try:
-        plan = TrainPlan(
-            train_file=train_file,
-            eval_file=eval_file,
+        plan = settings_from(
+            TrainPlan,
+            locals(),
             output_dir=output,
-            stage=stage,
-            response_field=response_field,
             model_path=model,
             tiny_arch=tiny,
             tiny_options={"hidden_size": tiny_hidden, "num_hidden_layers": tiny_layers, "seed": seed},

@@ -116,11 +116,13 @@ class EngineStats:
 
     @property
     def peak_kv(self) -> int:
-        return max(self.pool_used, default=0)
+        """The pool's peak in tokens: its curve ``pool_used`` measured as :class:`KVStats` measures a sequence's."""
+        return KVStats(self.pool_used).peak
 
     @property
     def auc_kv(self) -> int:
-        return sum(self.pool_used)
+        """The pool's area in token-steps (see :attr:`peak_kv`)."""
+        return KVStats(self.pool_used).auc
 
 
 TokenCallback = Callable[[str, int, int, "SampledToken"], None]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from memento.chat import chat_prompt
@@ -42,16 +42,19 @@ class Mode:
         return cls(mask.mode, mask)
 
 
+GREEDY = SamplingParams(temperature=0.0, max_tokens=1024, seed=0)
+"""Eval's default sampling: one greedy sample per problem, up to 1024 tokens, seed 0."""
+_RECORDED_SAMPLING = ("temperature", "top_p", "top_k", "max_tokens", "seed")
+"""The sampling knobs results.json always records (with ``samples``, ``n``)."""
+
+
 @dataclass
 class EvalSettings:
     """Sampling and engine settings shared by every mode of a run."""
 
-    samples: int = 1
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = -1
-    max_tokens: int = 1024
-    seed: int = 0
+    sampling: SamplingParams = field(default_factory=lambda: replace(GREEDY))
+    """How each problem is sampled (``n`` samples); problem ``i`` draws from seed ``seed + i * n``
+    (:meth:`problem_sampling`) in every mode, so a seed is required."""
     kv_budget_tokens: int | None = None
     """The KV pool in tokens (the same for every mode). None: room for ``max_num_seqs`` full requests."""
     max_num_seqs: int = 64
@@ -65,13 +68,32 @@ class EvalSettings:
     """Wrap each problem in the tokenizer's chat template (as the models are trained)."""
 
     def __post_init__(self) -> None:
-        if self.samples < 1:
-            raise ValueError(f"samples must be >= 1, got {self.samples}")
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.sampling.seed is None:
+            raise ValueError("eval's sampling needs a seed: every mode samples each problem with the same one")
         bad = [k for k in self.ks if not 1 <= k <= self.samples]
         if bad:
             raise ValueError(f"k must be in 1..samples ({self.samples}), got {bad}")
+
+    @property
+    def samples(self) -> int:
+        """Samples per problem (``sampling.n``)."""
+        return self.sampling.n
+
+    def problem_sampling(self, index: int) -> SamplingParams:
+        """The sampling of the ``index``-th problem: :attr:`sampling` with that problem's own seed."""
+        assert self.sampling.seed is not None
+        return replace(self.sampling, seed=self.sampling.seed + index * self.samples)
+
+    def results_settings(self) -> dict[str, Any]:
+        """The settings as results.json records them: ``samples`` (``sampling.n``), the sampling
+        knobs ``temperature``, ``top_p``, ``top_k``, ``max_tokens`` and ``seed`` (with any other
+        :class:`SamplingParams` field set away from its default, e.g. ``stop``), then the rest but
+        ``curves_kept``."""
+        sampling, default = asdict(self.sampling), asdict(SamplingParams())
+        recorded = {"samples": sampling.pop("n")}
+        recorded |= {k: v for k, v in sampling.items() if k in _RECORDED_SAMPLING or v != default[k]}
+        recorded |= {k: v for k, v in self.__dict__.items() if k not in ("sampling", "curves_kept")}
+        return recorded
 
 
 @dataclass
@@ -118,7 +140,9 @@ def run_mode(
 ) -> dict[str, Any]:
     """Generate ``settings.samples`` completions per problem under ``mode``; grade and measure them."""
     prompts = [_prompt_ids(tokenizer, p.prompt, settings.chat) for p in task_set.problems]
-    budget = settings.kv_budget_tokens or settings.max_num_seqs * (settings.max_tokens + max(map(len, prompts)))
+    budget = settings.kv_budget_tokens or settings.max_num_seqs * (
+        settings.sampling.max_tokens + max(map(len, prompts))
+    )
     engine = LLMEngine(
         model,
         tokenizer,
@@ -129,17 +153,7 @@ def run_mode(
             max_block_tokens=settings.max_block_tokens,
         ),
     )
-    ids = []
-    for index, prompt in enumerate(prompts):
-        params = SamplingParams(
-            n=settings.samples,
-            temperature=settings.temperature,
-            top_p=settings.top_p,
-            top_k=settings.top_k,
-            max_tokens=settings.max_tokens,
-            seed=settings.seed + index * settings.samples,
-        )
-        ids.append(engine.add_request(prompt, params))
+    ids = [engine.add_request(prompt, settings.problem_sampling(index)) for index, prompt in enumerate(prompts)]
     done: dict[str, Any] = {}
     total = len(ids) * settings.samples
     start = time.perf_counter()

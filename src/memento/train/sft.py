@@ -183,8 +183,8 @@ def train_stage(
         **settings.extra,
     )
     trainer = Trainer(
-        model=model,
-        args=args,
+        model,
+        args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         data_collator=collator,

@@ -81,14 +81,6 @@ class RequestEvictions:
         self.applied = EvictionCount()  # events applied, each counted once (a preemption replays them)
         self.reset(())
 
-    @property
-    def evictions(self) -> int:
-        return self.applied.evictions
-
-    @property
-    def evicted_tokens(self) -> int:
-        return self.applied.evicted_tokens
-
     # -- tokens ------------------------------------------------------------------------------
 
     def reset(self, token_ids: Iterable[int]) -> None:

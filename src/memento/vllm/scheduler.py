@@ -278,11 +278,12 @@ class MementoScheduler(Scheduler):
             state = self._states.get(request.request_id)
             if state is None or not state.due(request.num_computed_tokens):
                 continue
-            before = state.evictions, state.evicted_tokens
+            count = state.applied
+            before = count.evictions, count.evicted_tokens
             applied = state.apply_due(request.num_computed_tokens)
             assert applied is not None
-            stats.evictions += state.evictions - before[0]
-            stats.evicted_tokens += state.evicted_tokens - before[1]
+            stats.evictions += count.evictions - before[0]
+            stats.evicted_tokens += count.evicted_tokens - before[1]
             stats.moved_tokens += applied.compaction.moved_tokens
             stats.freed_blocks += self._free_pages_past(request.request_id, applied.compaction.num_tokens)
             if applied.rewind_to is not None:
