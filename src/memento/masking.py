@@ -396,13 +396,14 @@ class SequenceTracker:
 
     def feed(self, token_ids: Sequence[int] | np.ndarray) -> list[EvictionEvent]:
         """Track the next tokens; the events they cause, in order of ``at``."""
-        ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
-        self.num_tokens += len(ids)
+        self.num_tokens += len(token_ids)
         if self.structure_error is not None:
             return []
         seen = len(self.tracker.events)
         try:
-            return self.tracker.feed(int(ids[0])) if len(ids) == 1 else self.tracker.feed_many(ids)
+            if len(token_ids) == 1:  # a decode step: no array machinery
+                return self.tracker.feed(int(token_ids[0]))
+            return self.tracker.feed_many(np.asarray(token_ids, dtype=np.int64).reshape(-1))
         except MementoFormatError as err:
             if self.stop_on_format_error:
                 raise
@@ -452,13 +453,13 @@ class RowLayout:
 
     def feed(self, token_ids: Sequence[int] | np.ndarray) -> list[EvictionEvent]:
         """Append the rows of the next tokens (and, in restart mode, the recomputed mementos)."""
-        ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
         first_token = self.num_tokens
-        events = self.tracker.feed(ids)
-        if len(ids) == 1 and not events:  # a decode step: one row, nothing evicted
+        events = self.tracker.feed(token_ids)
+        if len(token_ids) == 1 and not events:  # a decode step: one row, nothing evicted
             self._row_of_token.append_row(self.num_rows)
-            self._rows.append_row(int(ids[0]), first_token, NEVER)
+            self._rows.append_row(int(token_ids[0]), first_token, NEVER)
             return events
+        ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
         self._rows.reserve(self.num_rows + len(ids) + sum(len(e.recompute) for e in events))
         done = 0
         for event in events:

@@ -133,7 +133,10 @@ class Sequence:
     def mark_computed(self, rows: range, slots: list[int]) -> None:
         """The rows' KV now lives in ``slots``."""
         assert rows.start == self.computed and len(rows) == len(slots)
-        self._live.append(np.arange(rows.start, rows.stop), np.asarray(slots, dtype=np.int64))
+        if len(rows) == 1:  # a decode step
+            self._live.append_row(rows.start, slots[0])
+        else:
+            self._live.append(np.arange(rows.start, rows.stop), np.asarray(slots, dtype=np.int64))
         self.computed = rows.stop
 
     @property
