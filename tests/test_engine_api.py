@@ -841,3 +841,70 @@ def test_check_request_reads_the_config_only(model, tok, prompts) -> None:
         engine.check_request(prompts["plain"], greedy(4))
     assert engine.check_request([1, 2, 3], greedy(4)) == [1, 2, 3]
     assert not engine.has_unfinished()
+
+
+# ----------------------------------------------------------------------------------------------
+# Fault isolation: one request's failure is that request's alone
+# ----------------------------------------------------------------------------------------------
+
+POISON_SEED = 666
+
+
+def poisoned_sampler(real):
+    """sample_tokens that fails on any batch holding a request seeded POISON_SEED (as a numerical
+    failure inside one row would)."""
+
+    def sample(logits, params, generators):
+        if any(p.seed == POISON_SEED for p in params):
+            raise RuntimeError("probability tensor contains either inf, nan or element < 0")
+        return real(logits, params, generators)
+
+    return sample
+
+
+@pytest.mark.parametrize("where", ["sampling", "on_token"])
+def test_a_failing_request_fails_alone_and_the_engine_goes_on(tok, model, prompts, monkeypatch, where) -> None:
+    params = [greedy(12, seed=s) for s in (1, POISON_SEED, 2)]
+    want = [solo(model, tok, prompts["plain"], p).outputs[0].token_ids for p in params]
+
+    def on_token(request_id, index, token_id, sampled):
+        if where == "on_token" and request_id == "bad":
+            raise ValueError("the client's stream broke")
+
+    if where == "sampling":
+        monkeypatch.setattr(engine_module, "sample_tokens", poisoned_sampler(engine_module.sample_tokens))
+    engine = LLMEngine(model, tok, EngineConfig(kv_budget_tokens=1024))
+    for rid, p in zip(("a", "bad", "b"), params, strict=True):
+        engine.add_request(prompts["plain"], p, request_id=rid)
+    done = {r.request_id: r.outputs[0] for r in run_bounded(engine, on_token=on_token)}
+    assert done["bad"].finish_reason == "error"
+    assert ("sampling failed: RuntimeError" if where == "sampling" else "taking its token failed: ValueError") in (
+        done["bad"].error or ""
+    )
+    assert done["a"].token_ids == want[0] and done["b"].token_ids == want[2]
+    assert engine.stats.failed == 1 and engine.pool.num_used == 0
+    # and the engine serves the next request as if nothing had happened
+    engine.add_request(prompts["plain"], params[0], request_id="after")
+    (after,) = run_bounded(engine)
+    assert after.outputs[0].token_ids == want[0] and engine.pool.num_used == 0
+
+
+def test_llm_generate_returns_the_failed_sample_with_its_reason(tok, model, prompts, monkeypatch) -> None:
+    monkeypatch.setattr(engine_module, "sample_tokens", poisoned_sampler(engine_module.sample_tokens))
+    outs = LLM(model, tok, kv_budget_tokens=1024).generate(
+        [prompts["plain"]] * 2, [greedy(5, seed=POISON_SEED), greedy(5)]
+    )
+    assert [o.outputs[0].finish_reason for o in outs] == ["error", "length"]
+
+
+def test_a_failing_forward_pass_stops_the_engine(tok, model, prompts, monkeypatch) -> None:
+    """Shared state may be broken after the model itself fails: that is not caught per request."""
+    engine = LLMEngine(model, tok, EngineConfig(kv_budget_tokens=1024))
+    engine.add_request(prompts["plain"], greedy(4))
+
+    def broken(plan):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(engine.runner, "run", broken)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        engine.step()

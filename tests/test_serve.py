@@ -389,3 +389,67 @@ def test_one_prompt_per_completion_request(client) -> None:
     )
     with pytest.raises(openai.BadRequestError, match="one prompt per request"):
         client.completions.create(model="tiny", prompt=[PROMPT, PROMPT], max_tokens=3)
+
+
+# ----------------------------------------------------------------------------------------------
+# One request never takes the server down (issue 16)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "extreme",
+    [
+        {"temperature": 1e-300},
+        {"temperature": 1e-45},
+        {"temperature": 5e-324},
+        {"temperature": 2.0, "top_p": 1e-300},
+    ],
+    ids=["t1e-300", "t1e-45", "t5e-324", "t2-top_p1e-300"],
+)
+@pytest.mark.parametrize("stream", [False, True], ids=["full", "stream"])
+def test_extreme_but_valid_sampling_gets_a_normal_answer(server, client, extreme, stream) -> None:
+    running, engine = server
+    body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 8, "stream": stream, **extreme}
+    response = httpx.post(f"{running.base_url}/v1/completions", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    if stream:
+        assert response.text.rstrip().endswith("data: [DONE]") and '"error"' not in response.text
+    else:
+        assert response.json()["choices"][0]["finish_reason"] == "length"
+    # the next request, from anyone, is served normally
+    after = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=4, temperature=0)
+    assert after.choices[0].finish_reason == "length"
+    assert httpx.get(f"{running.base_url}/health").json() == {"status": "ok"}
+    wait_for_empty_pool(engine)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["full", "stream"])
+def test_an_engine_failure_in_one_request_is_a_500_for_it_alone(model, tok, monkeypatch, stream) -> None:
+    from memento.engine import engine as engine_module
+
+    real = engine_module.sample_tokens
+
+    def poisoned(logits, params, generators):
+        if any(p.seed == 666 for p in params):
+            raise RuntimeError("numerical failure in one row")
+        return real(logits, params, generators)
+
+    monkeypatch.setattr(engine_module, "sample_tokens", poisoned)
+    app = build_app(model, EngineConfig.from_options(**CONFIG), tokenizer=tok, model_name="tiny")
+    running = start_in_thread(app)
+    try:
+        url = f"{running.base_url}/v1/completions"
+        body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 6, "seed": 666, "stream": stream}
+        bad = httpx.post(url, json=body, timeout=60)
+        if stream:
+            assert bad.status_code == 200  # the stream had started: the error comes as its last event
+            assert '"type": "server_error"' in bad.text and "numerical failure in one row" in bad.text
+        else:
+            assert bad.status_code == 500 and bad.json()["error"]["type"] == "server_error"
+            assert "numerical failure in one row" in bad.json()["error"]["message"]
+        good = httpx.post(url, json={**body, "seed": 1, "stream": False}, timeout=60)
+        assert good.status_code == 200 and good.json()["choices"][0]["finish_reason"] == "length"
+        assert httpx.get(f"{running.base_url}/health").json() == {"status": "ok"}
+        wait_for_empty_pool(app.state.memento.async_engine)
+    finally:
+        running.stop()

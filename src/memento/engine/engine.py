@@ -7,6 +7,7 @@ time: requests may be added between steps (continuous batching). ``LLM`` is the 
 from __future__ import annotations
 
 import itertools
+import logging
 import operator
 import time
 from collections.abc import Callable, Iterable
@@ -26,6 +27,8 @@ from memento.engine.sequence import KVStats, Sequence
 from memento.format import MementoFormatError, SpecialTokenIds
 from memento.masking import CHAT_MEMENTO, BlockCap, MaskConfig, RowLayout, SequenceTracker, check_block_cap
 from memento.modeling import check_attention_implementation
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -109,6 +112,7 @@ class EngineStats:
     evicted_tokens: int = 0
     preemptions: int = 0
     aborted: int = 0  # finished "kv_budget": bigger than the whole pool
+    failed: int = 0  # sequences finished "error": an exception while stepping them alone
     cancelled: int = 0  # requests stopped by abort_request (e.g. a client that went away)
     forward_seconds: float = 0.0
     release_seconds: float = 0.0  # returning evicted slots: the engine's "compaction"
@@ -360,24 +364,56 @@ class LLMEngine:
             self.stats.forward_seconds += time.perf_counter() - t0
             ready: list[tuple[int, Sequence]] = []
             for b, (seq, rows, slots) in enumerate(plan):
-                seq.mark_computed(rows, slots)
-                self._release(seq)
-                if seq.num_pending == 0:
-                    seq.stats.live_kv.append(result.live_keys[b])
-                    ready.append((b, seq))
+                try:
+                    seq.mark_computed(rows, slots)
+                    self._release(seq)
+                    if seq.num_pending == 0:
+                        seq.stats.live_kv.append(result.live_keys[b])
+                        ready.append((b, seq))
+                except Exception as err:
+                    self._fail(seq, "its KV bookkeeping", err, touched)
             if ready:
                 rows_idx = torch.tensor([b for b, _ in ready])
                 logits = result.logits[rows_idx.to(result.logits.device)].cpu()
                 seqs = [s for _, s in ready]
-                sampled = sample_tokens(logits, [s.params for s in seqs], [s.generator for s in seqs])
-                for i, (seq, token) in enumerate(zip(seqs, sampled, strict=True)):
-                    self._accept(seq, token, logits[i] if self.config.keep_logits else None, on_token)
+                for i, (seq, token) in enumerate(zip(seqs, self._sample(logits, seqs, touched), strict=True)):
+                    if token is None:
+                        continue  # its sampling failed: finished with "error"
+                    try:
+                        self._accept(seq, token, logits[i] if self.config.keep_logits else None, on_token)
+                    except Exception as err:
+                        self._fail(seq, "taking its token", err, touched)
                     touched.add(seq.request_id)
         for seq in self.scheduler.remove_finished():
             touched.add(seq.request_id)
         self.stats.pool_used.append(self.pool.num_used)
         self.stats.step_seconds += time.perf_counter() - start
         return [self._collect(rid) for rid in sorted(touched) if self._done(rid)]
+
+    def _fail(self, seq: Sequence, what: str, err: Exception, touched: set[str]) -> None:
+        """Fault isolation: an exception while stepping one sequence finishes that sequence alone
+        (``finish_reason="error"``, the reason in ``error``; its KV is freed with the finished ones)
+        and the loop goes on for the rest. A failure of the forward pass itself is not caught: it
+        may have left shared state (the pool, the model) broken, so it stops the engine."""
+        logger.error("request %s: %s failed; that request alone is stopped", seq.request_id, what, exc_info=err)
+        seq.finish("error", f"{what} failed: {type(err).__name__}: {err}")
+        self.stats.failed += 1
+        touched.add(seq.request_id)
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence], touched: set[str]) -> list[SampledToken | None]:
+        """The batch's tokens; when the batch call fails, row by row, so only the failing rows fail."""
+        params, generators = [s.params for s in seqs], [s.generator for s in seqs]
+        try:
+            return list(sample_tokens(logits, params, generators))
+        except Exception:
+            out: list[SampledToken | None] = []
+            for i, seq in enumerate(seqs):
+                try:
+                    out.append(sample_tokens(logits[i : i + 1], params[i : i + 1], generators[i : i + 1])[0])
+                except Exception as err:
+                    self._fail(seq, "sampling", err, touched)
+                    out.append(None)
+            return out
 
     def _release(self, seq: Sequence) -> None:
         t0 = time.perf_counter()

@@ -4,6 +4,15 @@ Every request gets its own ``torch.Generator`` (seeded from ``SamplingParams.see
 of ``n`` from ``seed + i``), so a seeded request draws the same tokens whatever else is in the
 batch. Logprobs are those of the model's own distribution (log-softmax of the raw logits, before
 temperature or truncation), as vLLM reports them by default.
+
+Every value the parameters accept samples without NaN (the rule, tested for the extremes):
+
+* a temperature below :data:`GREEDY_BELOW` (1e-5, vLLM's ``_SAMPLING_EPS``) is greedy decoding;
+  above it, logits are shifted by their maximum before dividing, so ``logits / T`` cannot overflow;
+* NaN logits count as -inf, +inf ones as the largest finite value (a row with no finite logit is
+  decoded greedily on the raw argmax);
+* top-k and top-p always keep the most likely token (top_p is compared in float64: a top_p of
+  1e-300 keeps exactly that token instead of rounding to 0 and dropping everything).
 """
 
 from __future__ import annotations
@@ -12,6 +21,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+
+GREEDY_BELOW = 1e-5
+"""Temperatures below this are greedy decoding (as in vLLM): dividing logits by them would overflow."""
 
 
 @dataclass
@@ -59,7 +71,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
 
 def _is_int(value: object) -> bool:
@@ -80,18 +92,37 @@ class SampledToken:
 
 
 def _truncate(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Logits with everything outside the top-k and the top-p nucleus set to -inf (1-D)."""
+    """Logits with everything outside the top-k and the top-p nucleus set to -inf (1-D, finite max).
+
+    The most likely token is always kept.
+    """
     if 0 < top_k < logits.numel():
         kth = torch.topk(logits, top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        # Drop a token when the tokens strictly before it already reach top_p (keeps at least one).
+        probs = torch.softmax(sorted_logits.double(), dim=-1)
+        # Drop a token when the tokens strictly before it already reach top_p.
         drop_sorted = (torch.cumsum(probs, dim=-1) - probs) >= top_p
+        drop_sorted[0] = False
         drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
+
+
+def _sanitise(logits: torch.Tensor) -> torch.Tensor:
+    """NaN -> -inf, +inf -> the dtype's largest finite value (float32 rows x vocab)."""
+    return torch.nan_to_num(logits, nan=float("-inf"), posinf=torch.finfo(logits.dtype).max, neginf=float("-inf"))
+
+
+def _draw(row: torch.Tensor, p: SamplingParams, gen: torch.Generator | None) -> int:
+    """One token from a sanitised row under ``p``'s temperature, top-k and top-p."""
+    top = row.max()
+    if not torch.isfinite(top):  # nothing finite to sample from
+        return int(torch.argmax(row))
+    scaled = _truncate((row - top) / p.temperature, p.top_k, p.top_p)  # max 0: exp cannot overflow
+    probs = torch.softmax(scaled, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=gen))
 
 
 def sample_tokens(
@@ -103,15 +134,11 @@ def sample_tokens(
     logits = logits.float()
     want_logprobs = any(p.logprobs is not None for p in params)
     logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
-    greedy = torch.argmax(logits, dim=-1).tolist()  # one call for the whole batch
+    safe = _sanitise(logits)
+    greedy = torch.argmax(safe, dim=-1).tolist()  # one call for the whole batch
     out: list[SampledToken] = []
     for row, (p, gen) in enumerate(zip(params, generators, strict=True)):
-        if p.greedy:
-            token = greedy[row]
-        else:
-            scaled = _truncate(logits[row] / p.temperature, p.top_k, p.top_p)
-            probs = torch.softmax(scaled, dim=-1)
-            token = int(torch.multinomial(probs, 1, generator=gen))
+        token = greedy[row] if p.greedy else _draw(safe[row], p, gen)
         sampled = SampledToken(token)
         if p.logprobs is not None and logprobs is not None:
             sampled.logprob = float(logprobs[row, token])

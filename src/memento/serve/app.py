@@ -49,6 +49,8 @@ from memento.serve.text import IncrementalText, ReasoningStream, final_text, spl
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "kv_budget": "length", "abort": "abort"}
 """Engine finish reasons as the API reports them (``format_error`` ends like a stop: the engine's
 reason is also in ``stop_reason``)."""
+_ERROR_KINDS = {400: "invalid_request_error", 500: "server_error"}
+"""The OpenAI error type of a request that failed in the engine, by status."""
 
 
 class ApiError(Exception):
@@ -314,7 +316,7 @@ async def _collect(first: list, events: AsyncGenerator[list, None]) -> RequestOu
             if isinstance(last, FinishedEvent):
                 return last.output
             if isinstance(last, ErrorEvent):
-                raise ApiError(400, last.message)
+                raise ApiError(last.status, last.message, _ERROR_KINDS[last.status])
             batch = await anext(events)
     finally:
         await events.aclose()  # cancelled (client gone): aborts the request in the engine
@@ -391,7 +393,7 @@ async def _stream(
                     yield _sse(envelope([_stream_choice(i, delta, reasoning[i], logprobs=logprobs)], **no_usage))
             last = batch[-1]
             if isinstance(last, ErrorEvent):
-                yield _sse(error_body(last.message))
+                yield _sse(error_body(last.message, _ERROR_KINDS[last.status]))
                 break
             if isinstance(last, FinishedEvent):
                 output = last.output

@@ -45,7 +45,11 @@ class FinishedEvent:
 
 @dataclass
 class ErrorEvent:
+    """The request failed: ``status`` 400 when it could not run (bad input), 500 when the engine
+    failed while stepping it (the request alone: the server goes on)."""
+
     message: str
+    status: int = 400
 
 
 @dataclass
@@ -207,7 +211,7 @@ class AsyncEngine:
                         continue
                     events: list[Any] = self._step_tokens.get(request_id, [])
                     if request_id in finished:
-                        events = [*events, FinishedEvent(finished[request_id])]
+                        events = [*events, _final_event(finished[request_id])]
                         del self._live[request_id]
                     self._emit(submission, *events)
         except BaseException as err:  # the engine broke: fail every request in flight, refuse new ones
@@ -216,3 +220,11 @@ class AsyncEngine:
                 self._emit(submission, ErrorEvent(f"engine failure: {type(err).__name__}: {err}"))
             self._live.clear()
             raise
+
+
+def _final_event(output: RequestOutput) -> FinishedEvent | ErrorEvent:
+    """A finished request, or a 500 when the engine failed while stepping one of its samples."""
+    failed = [o for o in output.outputs if o.finish_reason == "error"]
+    if failed:
+        return ErrorEvent(f"internal error in the engine, this request was stopped: {failed[0].error}", status=500)
+    return FinishedEvent(output)
