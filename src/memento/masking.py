@@ -454,6 +454,8 @@ class RowLayout:
     def feed(self, token_ids: Sequence[int] | np.ndarray) -> list[EvictionEvent]:
         """Append the rows of the next tokens (and, in restart mode, the recomputed mementos)."""
         first_token = self.num_tokens
+        if len(token_ids) != 1:  # one conversion, shared with the tracker
+            token_ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
         events = self.tracker.feed(token_ids)
         if len(token_ids) == 1 and not events:  # a decode step: one row, nothing evicted
             self._row_of_token.append_row(self.num_rows)
