@@ -44,18 +44,28 @@ def test_engine_args_switch_the_backend_on_and_keep_the_rest() -> None:
     assert args["model"] == "m" and args["dtype"] == "float32"
 
 
-def test_the_vllm_server_command_line() -> None:
+def test_the_vllm_server_command_line(tmp_path) -> None:
+    from transformers import Qwen3Config
+
+    Qwen3Config(
+        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16, dtype="float32"
+    ).save_pretrained(tmp_path)
     argv = vllm_serve_argv(
-        "models/x",
+        str(tmp_path),
         MementoSettings(mask=MaskConfig.chat(keep_last_n=1)),
         port=9000,
         kv_budget_tokens=1000,
         block_size=32,
         extra=["--max-model-len", "4096"],
     )
-    assert argv[1:5] == ["-m", "vllm.entrypoints.openai.api_server", "--model", "models/x"]
+    assert argv[1:5] == ["-m", "vllm.entrypoints.openai.api_server", "--model", str(tmp_path)]
     joined = " ".join(argv)
     assert "--num-gpu-blocks-override 33" in joined  # ceil(1000 / 32) pages + vLLM's null page
+    # vLLM's reservation is the KV budget's bytes (2 x layers x kv heads x head dim x 4 bytes per token),
+    # not 92% of the machine's memory
+    assert f"--kv-cache-memory-bytes {33 * 32 * 2 * 3 * 2 * 16 * 4}" in joined
+    given = vllm_serve_argv(str(tmp_path), MementoSettings(), kv_budget_tokens=64, extra=["--kv-cache-memory-bytes=9"])
+    assert given.count("--kv-cache-memory-bytes=9") == 1 and "--kv-cache-memory-bytes" not in given
     assert f"--scheduler-cls {SCHEDULER_CLS}" in joined and f"--worker-cls {WORKER_CLS}" in joined
     assert "--no-enable-prefix-caching" in argv and "--no-async-scheduling" in argv
     config = json.loads(argv[argv.index("--additional-config") + 1])

@@ -38,7 +38,9 @@ def free_port() -> int:
 def server(model_dir, tmp_path_factory):
     port = free_port()
     log = tmp_path_factory.mktemp("serve") / "server.log"
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    # As a user would run it (README): no VLLM_CPU_KVCACHE_SPACE; the backend sizes vLLM's reservation.
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}
+    env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
     cmd = [
         str(MEMENTO),
         "serve",
@@ -57,6 +59,9 @@ def server(model_dir, tmp_path_factory):
         "tiny",
         "--vllm-arg=--max-model-len=512",
         "--vllm-arg=--enforce-eager",
+        # as on a machine with little memory free: vLLM would want 99.9% of the node unless the
+        # backend states its reservation (the README's command failed that way on a fresh machine)
+        "--vllm-arg=--gpu-memory-utilization=0.999",
     ]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)

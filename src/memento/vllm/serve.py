@@ -15,6 +15,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from memento.eval.kvsim import KVSpec
 from memento.vllm.config import MementoSettings, serve_args
 
 
@@ -45,11 +46,25 @@ def vllm_serve_argv(
     if kv_budget_tokens is not None:
         pages = -(-kv_budget_tokens // block_size) + 1  # vLLM keeps one page aside (the null block)
         argv += ["--num-gpu-blocks-override", str(pages)]
+        if not any(flag.startswith("--kv-cache-memory-bytes") for flag in extra):
+            argv += ["--kv-cache-memory-bytes", str(kv_cache_bytes(model, pages * block_size, dtype))]
     if max_num_seqs is not None:
         argv += ["--max-num-seqs", str(max_num_seqs)]
     argv += serve_args(settings)
     argv += list(extra)
     return argv
+
+
+def kv_cache_bytes(model: str | Path, tokens: int, dtype: str = "auto") -> int:
+    """The bytes ``tokens`` KV entries of ``model`` take: the reservation the backend asks vLLM for.
+
+    Without an explicit reservation vLLM 0.32's CPU worker asks for ``--gpu-memory-utilization``
+    (92%) of the NUMA node's memory and refuses to start when less is free, though the KV budget
+    needs a small part of it. The page count (``--num-gpu-blocks-override``) still decides what is
+    allocated; this figure only has to be honest and to fit in free memory. ``dtype="auto"`` reads
+    the model config's dtype (bfloat16 when it names none).
+    """
+    return tokens * KVSpec.from_config(model, dtype=None if dtype == "auto" else dtype).bytes_per_token
 
 
 def check_vllm_available() -> None:
