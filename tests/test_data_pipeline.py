@@ -212,4 +212,7 @@ def test_faults_on_the_wire_do_not_change_the_output(tmp_path) -> None:
     for name in ("default.jsonl", "full.jsonl"):
         assert (tmp_path / "faulty" / name).read_bytes() == (tmp_path / "clean" / name).read_bytes()
     summary = json.loads((tmp_path / "faulty/summary.json").read_text())
-    assert summary["llm"]["retries"] >= sum(v for k, v in served.items() if k != "ok")
+    # Every fault served was answered by a retry, or ended a call that had used up its retries (a
+    # call that drew 6 faults in a row gives up; the record is redone, so the output is the same).
+    llm = summary["llm"]
+    assert llm["retries"] + llm["failures"] >= sum(v for k, v in served.items() if k != "ok")

@@ -8,8 +8,13 @@ its samples) and the tokens evicted from its KV.
 
 Errors are OpenAI error objects: 400 for a body that is not JSON, unknown or invalid fields, a
 prompt the context or the KV budget cannot hold; 404 for another model name; 429 when too many
-requests are in flight; 503 while shutting down. A client that disconnects (streaming or not) has
-its request aborted, and its KV slots freed, before the engine's next step.
+requests are in flight; 500 when the engine failed while stepping this request (the server goes
+on); 503 while shutting down or once the engine has stopped. A client that disconnects (streaming or
+not) has its request aborted, and its KV slots freed, before the engine's next step.
+
+The OpenAPI document (``/openapi.json``) declares exactly these: every status a route answers, each
+error with the error object's schema, and no 422 (FastAPI's default for a body that fails
+validation, which this server answers with 400).
 
 The handlers are module-level functions on :data:`router`; each reads what the routes share (the
 engine, the model's name, the metrics) from ``request.app.state.memento``, the :class:`ServerState`
@@ -30,9 +35,10 @@ from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from memento.engine import RequestOutput, SamplingParams
 from memento.serve.async_engine import (
@@ -43,7 +49,18 @@ from memento.serve.async_engine import (
     FinishedEvent,
     TokenEvent,
 )
-from memento.serve.protocol import ChatCompletionRequest, CompletionRequest, error_body
+from memento.serve.protocol import (
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionChunk,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorResponse,
+    HealthStatus,
+    ModelList,
+    error_body,
+)
 from memento.serve.text import IncrementalText, ReasoningStream, final_text, split_reasoning
 
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "kv_budget": "length", "abort": "abort"}
@@ -448,7 +465,112 @@ async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
     return _error(exc.status, exc.message, exc.kind, exc.param)
 
 
-@router.get("/health")
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """The framework's own errors as OpenAI error objects: a body that cannot be read (400; FastAPI's
+    ``{"detail": ...}`` otherwise), an unknown path (404) or method (405)."""
+    status = exc.status_code
+    kinds = {400: "invalid_request_error", 404: "not_found", 405: "method_not_allowed"}
+    message = str(exc.detail)
+    if status == 400:
+        message = f"the body could not be read as JSON ({message})"
+        _state(request).requests.labels(request.url.path, "400").inc()  # only on a route: it has a body
+    response = _error(status, message, kinds.get(status, "server_error" if status >= 500 else "invalid_request_error"))
+    response.headers.update(exc.headers or {})
+    return response
+
+
+async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+    """A bug in a handler: still an OpenAI error object (the exception is logged by the server)."""
+    with contextlib.suppress(Exception):
+        _state(request).requests.labels(request.url.path, "500").inc()
+    return _error(500, f"internal server error: {type(exc).__name__}", "server_error")
+
+
+class PrometheusText(Response):
+    """The Prometheus text format, under exactly its content type (no charset appended)."""
+
+    media_type = "text/plain; version=0.0.4"
+
+    def __init__(self, content: bytes = b"", status_code: int = 200) -> None:
+        super().__init__(content, status_code, headers={"content-type": self.media_type})
+
+
+_ERRORS: dict[int, str] = {
+    400: "The request is invalid: a body that is not JSON, an unknown or invalid field, a rule across fields "
+    "(stream_options without stream, top_logprobs without logprobs, best_of other than n), token ids outside "
+    "the model's vocabulary, a prompt the context or the KV budget cannot hold.",
+    404: "The model asked for is not the one this server serves.",
+    429: "Too many requests are in flight (the queue is full): retry later.",
+    500: "The engine failed while stepping this request (this request alone: the server goes on).",
+    503: "The server is draining (shutting down) or its engine has stopped.",
+}
+
+
+def _error_responses(*statuses: int, **descriptions: str) -> dict[int | str, dict[str, Any]]:
+    """Errors as documented: the error object, and what the status means (``descriptions``: ``s503=...``)."""
+    return {
+        status: {"model": ErrorResponse, "description": descriptions.get(f"s{status}", _ERRORS[status])}
+        for status in statuses
+    }
+
+
+def _event_stream(chunk: type) -> dict[str, Any]:
+    """The ``text/event-stream`` answer of a completion route: its events (OpenAPI 3.2's ``itemSchema``)."""
+    data = {
+        "description": f"A {chunk.__name__} (JSON); an error object when the engine failed after the stream began "
+        "(a 500 of the engine); `[DONE]` last.",
+        "anyOf": [
+            {"const": "[DONE]"},
+            {
+                "type": "string",
+                "not": {"const": "[DONE]"},
+                "contentMediaType": "application/json",
+                "contentSchema": {"anyOf": [{"$ref": _ref(chunk)}, {"$ref": _ref(ErrorResponse)}]},
+            },
+        ],
+    }
+    properties = {"data": data, "event": {"type": "string"}, "id": {"type": "string"}}
+    return {"itemSchema": {"type": "object", "required": ["data"], "properties": properties}}
+
+
+def _ref(model: type) -> str:
+    return f"#/components/schemas/{model.__name__}"
+
+
+def _generation_responses(model: type, chunk: type) -> dict[int | str, dict[str, Any]]:
+    """What a completion route answers: the response (JSON, or server-sent events with ``stream``), the errors."""
+    ok = {
+        "model": model,
+        "description": "The completion (application/json); with stream=true, server-sent events.",
+        "content": {"text/event-stream": _event_stream(chunk)},
+    }
+    return {200: ok, **_error_responses(400, 404, 429, 500, 503)}
+
+
+_DOCUMENTED = {
+    "validation": (CompletionRequest, ChatCompletionRequest),
+    "serialization": (
+        CompletionResponse,
+        ChatCompletionResponse,
+        CompletionChunk,
+        ChatCompletionChunk,
+        ModelList,
+        HealthStatus,
+        ErrorResponse,
+    ),
+}
+"""The models whose schemas the document holds, as pydantic writes them: FastAPI's own copies turn
+every bound into a float (an int64 seed's 2**63 - 1 would read 2**63), and the stream events' chunks,
+referred to only by the routes' ``itemSchema``, are not in them at all."""
+
+
+_HEALTH = {
+    200: {"model": HealthStatus, "description": '"ok", or "draining" while shutting down.'},
+    **_error_responses(503, s503="The engine has stopped after a failure: the server cannot serve."),
+}
+
+
+@router.get("/health", responses=_HEALTH)
 async def health(request: Request):
     async_engine = _state(request).async_engine
     if async_engine.error is not None:
@@ -456,12 +578,16 @@ async def health(request: Request):
     return {"status": "ok" if async_engine.accepting else "draining"}
 
 
-@router.get("/metrics")
+@router.get(
+    "/metrics",
+    response_class=PrometheusText,
+    responses={200: {"description": "Prometheus metrics (text format 0.0.4)"}},
+)
 async def metrics(request: Request):
-    return PlainTextResponse(generate_latest(_state(request).registry).decode(), media_type="text/plain; version=0.0.4")
+    return PrometheusText(generate_latest(_state(request).registry))
 
 
-@router.get("/v1/models")
+@router.get("/v1/models", responses={200: {"model": ModelList, "description": "The one model this server serves."}})
 async def models(request: Request):
     state = _state(request)
     engine = state.async_engine.engine
@@ -477,7 +603,7 @@ async def models(request: Request):
     return {"object": "list", "data": [card]}
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", responses=_generation_responses(CompletionResponse, CompletionChunk))
 async def completions(body: CompletionRequest, request: Request):
     state = _state(request)
     _check_model(state, body.model)
@@ -486,7 +612,7 @@ async def completions(body: CompletionRequest, request: Request):
     return await _respond(state, request, "/v1/completions", prompt_ids, params, body, chat=False)
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", responses=_generation_responses(ChatCompletionResponse, ChatCompletionChunk))
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     state = _state(request)
     _check_model(state, body.model)
@@ -514,13 +640,47 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     state.async_engine.stop()
 
 
+_FASTAPI_422 = ("HTTPValidationError", "ValidationError")
+"""The component schemas FastAPI adds for its 422 answers."""
+
+
+def _document(schema: dict[str, Any]) -> dict[str, Any]:
+    """FastAPI's OpenAPI document made true: without its 422 answers (this server answers 400) and their
+    schemas, with pydantic's exact schemas of the models (:data:`_DOCUMENTED`). Idempotent (FastAPI
+    caches the document it hands over)."""
+    for path in schema.get("paths", {}).values():
+        for operation in path.values():
+            operation.get("responses", {}).pop("422", None)
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    for mode, models in _DOCUMENTED.items():
+        for model in models:
+            model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}", mode=mode)
+            components.update(model_schema.pop("$defs", {}))
+            components[model.__name__] = model_schema
+    for name in _FASTAPI_422:  # HTTPValidationError refers to ValidationError: drop it first
+        if name in components:
+            rest = {**schema, "components": {**schema["components"], "schemas": dict(components)}}
+            del rest["components"]["schemas"][name]
+            if f'"#/components/schemas/{name}"' not in json.dumps(rest):
+                del components[name]
+    return schema
+
+
 def create_app(async_engine: AsyncEngine, model_name: str, shutdown_timeout: float = 30.0) -> FastAPI:
     """The FastAPI app; the engine thread is already running, the app stops it on shutdown."""
     app = FastAPI(
         title="memento",
+        description="An OpenAI-compatible server over the memento engine (KV-evicting inference).",
         lifespan=_lifespan,
-        exception_handlers={RequestValidationError: _invalid_request, ApiError: _api_error},
+        exception_handlers={
+            RequestValidationError: _invalid_request,
+            ApiError: _api_error,
+            StarletteHTTPException: _http_error,
+            Exception: _internal_error,
+        },
     )
     app.state.memento = ServerState(async_engine, model_name, shutdown_timeout)
     app.include_router(router)
+    generated = app.openapi
+    app.openapi = lambda: _document(generated())  # type: ignore[method-assign]
     return app
