@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -11,10 +12,17 @@ from helpers import completion_token_losses, hand_mask, records, tiny_model
 from memento.chat import assistant_prefix_ids
 from memento.format import MementoFormatError, SpecialTokenIds
 from memento.masking import MaskConfig
-from memento.modeling import check_attention_implementation
+from memento.modeling import build_tiny_model, check_attention_implementation
 from memento.tiny_tokenizer import build_tiny_tokenizer
 from memento.train.collate import IGNORE_INDEX, MementoCollator, tokenize_example
-from memento.train.sft import SFTSettings, make_collator, prepare_examples, read_log, train_stage
+from memento.train.sft import (
+    SFTSettings,
+    make_collator,
+    prepare_examples,
+    read_log,
+    tied_keys_restored,
+    train_stage,
+)
 
 
 @pytest.fixture(scope="module")
@@ -190,3 +198,44 @@ def test_memento_train_cli_bad_input(tmp_path) -> None:
         app, ["train", "--train", str(bad), "--eval", str(bad), "-o", "r", "--tiny", "qwen3", "--stage", "3"]
     )
     assert result.exit_code == 2 and "stage must be one of" in result.output
+
+
+def tied_model(tokenizer):
+    """A tiny model with tied embeddings, as the demo builds them (tests' ``tiny_model`` is untied)."""
+    return build_tiny_model(tokenizer, hidden_size=32, num_hidden_layers=1, intermediate_size=64)
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def test_reloading_the_best_checkpoint_does_not_call_tied_weights_missing(tokenizer, tmp_path) -> None:
+    """The Trainer reloads the best checkpoint at the end; the tied head is not a missing key (it
+    used to warn "There were missing keys in the checkpoint model loaded: ['lm_head.weight']")."""
+    data = records(16, seed=2)
+    model = tied_model(tokenizer)
+    assert model.config.tie_word_embeddings
+    settings = SFTSettings(learning_rate=3e-3, max_steps=4, batch_size=8, eval_steps=2, logging_steps=2)
+    train = prepare_examples(data[:8], tokenizer)
+    evaluation = prepare_examples(data[8:], tokenizer)
+    handler = _Records()
+    logger = logging.getLogger("transformers")
+    logger.addHandler(handler)
+    try:
+        train_stage(model, tokenizer, train, evaluation, stage=1, stage_dir=tmp_path / "s1", settings=settings)
+    finally:
+        logger.removeHandler(handler)
+    assert not [m for m in handler.messages if "missing keys" in m], handler.messages
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied after the reload
+
+
+def test_only_keys_tied_to_a_loaded_weight_count_as_restored(tokenizer) -> None:
+    model = tied_model(tokenizer)
+    assert tied_keys_restored(model, ["lm_head.weight", "model.norm.weight"]) == ["lm_head.weight"]
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())  # untied: really missing
+    assert tied_keys_restored(model, ["lm_head.weight"]) == []

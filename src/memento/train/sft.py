@@ -132,6 +132,44 @@ def _callback(path: Path, stage: int):
     return _Logger(path, stage)
 
 
+def tied_keys_restored(model: Any, missing_keys: Iterable[str]) -> list[str]:
+    """The keys of ``missing_keys`` that are tied to a loaded weight (the same tensor), so not missing.
+
+    A model with tied embeddings saves ``lm_head.weight`` once, as ``model.embed_tokens.weight``
+    (safetensors refuses shared tensors); loading that file back with ``strict=False`` reports the
+    head as missing although it *is* the embedding it is tied to.
+    """
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    params = dict(model.named_parameters(remove_duplicate=False))
+    return [
+        key
+        for key in missing_keys
+        if key in tied and key in params and tied[key] in params and params[key] is params[tied[key]]
+    ]
+
+
+def _trainer_class():
+    """The HF Trainer, minus its false alarm about tied weights.
+
+    With ``load_best_model_at_end`` the Trainer reloads the best checkpoint's state dict and warns
+    "There were missing keys in the checkpoint model loaded: ['lm_head.weight']" for every model
+    with tied embeddings (the tiny models, Qwen3-0.6B...), which a user reads as a broken model.
+    Keys that are tied to a loaded weight are not missing: they are dropped from the warning; any
+    other missing or unexpected key is still reported.
+    """
+    from transformers import Trainer
+
+    class MementoTrainer(Trainer):
+        def _issue_warnings_after_load(self, load_result: Any) -> None:
+            restored = set(tied_keys_restored(self.model, load_result.missing_keys))
+            if restored:
+                missing = [key for key in load_result.missing_keys if key not in restored]
+                load_result = load_result._replace(missing_keys=missing)
+            super()._issue_warnings_after_load(load_result)
+
+    return MementoTrainer
+
+
 def train_stage(
     model: Any,
     tokenizer: Any,
@@ -143,7 +181,7 @@ def train_stage(
     settings: SFTSettings,
 ) -> Path:
     """Train one stage; return the directory of its best model (by validation loss)."""
-    from transformers import Trainer, TrainingArguments
+    from transformers import TrainingArguments
     from transformers.trainer_utils import get_last_checkpoint
 
     stage_dir = Path(stage_dir)
@@ -182,7 +220,7 @@ def train_stage(
         use_cpu=not torch.cuda.is_available(),
         **settings.extra,
     )
-    trainer = Trainer(
+    trainer = _trainer_class()(
         model,
         args,
         train_dataset=train_dataset,
