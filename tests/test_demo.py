@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -30,13 +31,40 @@ def test_quick_demo_writes_the_report_and_results(quick_run) -> None:
         assert len(run["rows"]) == QUICK.test_problems
         assert run["engine"]["kv_budget_tokens"] == QUICK.kv_budget_tokens  # one budget for every run
         assert run["generated_tokens"] > 0 and run["tokens_per_second"] > 0
-    assert results["targets"][0]["target"].startswith("memento pass@1")
+    assert [t["target"].split(" ")[0] for t in results["targets"]] == [
+        "control",
+        "memento",
+        "peak",
+        "AUC",
+        "throughput",
+    ]
+    for run in results["runs"]:
+        low, high = run["pass@1_ci95"]
+        assert 0.0 <= low <= run["accuracy"]["pass@1"] <= high <= 1.0 and high > low  # Wilson: never a point
+        assert len(run["problem_accuracy"]) == QUICK.test_problems
+    sampled = results["sampled"]
+    names = [f"{r['label']} [{r['mode']['name']}]" for r in sampled["runs"]]
+    assert names == ["control, sampled [vanilla]", "memento, sampled [memento]"]
+    assert sampled["baseline"] == "control, sampled [vanilla]"
+    assert sampled["settings"]["temperature"] == 0.6 and sampled["settings"]["top_k"] == 20
+    for run in sampled["runs"]:
+        assert run["problems"] == QUICK.sampled_problems and run["samples"] == QUICK.samples_per_problem
+        assert len(run["rows"]) == QUICK.sampled_problems * QUICK.samples_per_problem
+        assert {"pass@1", "pass@2", "maj@2"} <= set(run["accuracy"])
+        assert run["engine"]["kv_budget_tokens"] == QUICK.kv_budget_tokens
     memento = results["runs"][1]
     assert memento["engine"]["evictions"] > 0  # even the quick model writes mementos, and blocks go
     assert memento["mean_peak_kv"] < results["runs"][0]["mean_peak_kv"]
     report = (out / "report.md").read_text()
     assert "| control [vanilla] |" in report and "| memento [restart] |" in report
     assert "restart ablation" in report and (out / "kv_sawtooth.png").exists()
+    assert "pass@1 [95% interval]" in report and "paired over problems" in report
+    assert "## Sampled at the paper's settings" in report and "| memento, sampled [memento] |" in report
+    assert (
+        "## Beside the paper" in report
+        and "| paper, Table 1: Qwen3-8B, AIME'26 | -7.4 pp | 0.39x | 0.34x | |" in report
+    )
+    assert f"Seed {QUICK.seed}" in report
     assert "[vanilla]" in output and "[restart]" in output and "report:" in output  # table, markup escaped
 
 
@@ -62,3 +90,27 @@ def test_rerun_reuses_the_models_and_other_settings_are_refused(quick_run) -> No
     assert any("reusing" in line for line in logged)
     with pytest.raises(SystemExit, match="other settings"):
         run_demo(out, config=DemoConfig(stage1_steps=7), show_progress=False, log=logged.append)
+
+
+def test_seeds_run_one_demo_per_seed_and_tabulate_them(quick_run, tmp_path, monkeypatch) -> None:
+    import memento.demo as demo
+
+    out, _ = quick_run
+    recorded = json.loads((out / "results.json").read_text())
+    calls: list[tuple[Path, int]] = []
+
+    def fake_run_demo(path, *, config, **_):
+        calls.append((path, config.seed))
+        return {**recorded, "config": {**recorded["config"], "seed": config.seed}}
+
+    monkeypatch.setattr(demo, "run_demo", fake_run_demo)
+    every = demo.run_seeds(tmp_path, 3, quick=True, log=lambda _: None)
+    assert calls == [(tmp_path / f"seed-{s}", s) for s in (0, 1, 2)]
+    table = (tmp_path / "seeds.md").read_text().splitlines()
+    rows = [line for line in table if line.startswith("| ") and line[2].isdigit()]
+    assert [row.split(" | ")[0] for row in rows] == ["| 0", "| 1", "| 2"] and len(every) == 3
+    met = sum(t["met"] for t in recorded["targets"])
+    assert all(f"| {met} of 5 |" in row for row in rows)
+    assert table[-1] == f"Every target met on every seed: {'yes' if met == 5 else 'no'}."
+    with pytest.raises(ValueError, match="seeds"):
+        demo.run_seeds(tmp_path, 0)

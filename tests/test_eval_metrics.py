@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -10,7 +11,17 @@ from helpers import records, tiny_model
 from memento.chat import assistant_prefix_ids, chat_prompt
 from memento.engine import EngineConfig, LLMEngine, SamplingParams
 from memento.eval.kvsim import PRESETS, KVSpec, replay_live_kv, resolve_spec, scale_curves
-from memento.eval.metrics import accuracy_summary, kv_summary, maj_at_k, majority_correct, pass_at_k
+from memento.eval.metrics import (
+    accuracy_summary,
+    kv_summary,
+    maj_at_k,
+    majority_correct,
+    paired_difference_interval,
+    pass_at_1_interval,
+    pass_at_k,
+    problem_accuracies,
+    wilson_interval,
+)
 from memento.eval.run import Mode, completion_structure
 from memento.eval.tasks import load_task_set
 from memento.format import SpecialTokenIds
@@ -201,3 +212,33 @@ def test_completion_structure_counts_block_and_memento_tokens(tok) -> None:
     structure = completion_structure(tok(text, add_special_tokens=False)["input_ids"], specials)
     assert structure.block_tokens == [3]  # the open block at the end is not counted
     assert structure.memento_tokens == [2]
+
+
+def test_wilson_interval_known_values() -> None:
+    # p = 0.5 over 100: the textbook [0.4038, 0.5962]; 200 of 200 right: [200 / (200 + z^2), 1]
+    assert wilson_interval(0.5, 100) == pytest.approx((0.40383, 0.59617), abs=1e-5)
+    z2 = 1.959963984540054**2
+    assert wilson_interval(1.0, 200) == pytest.approx((200 / (200 + z2), 1.0))
+    low, high = wilson_interval(0.0, 50)
+    assert low == 0.0 and 0.07 < high < 0.072
+    with pytest.raises(ValueError):
+        wilson_interval(0.5, 0)
+    with pytest.raises(ValueError):
+        wilson_interval(1.5, 10)
+
+
+def test_pass_at_1_interval_counts_problems_not_samples() -> None:
+    one_each = pass_at_1_interval([[True], [False]] * 50)
+    four_each = pass_at_1_interval([[True, True, False, False]] * 100)
+    assert one_each == pytest.approx(wilson_interval(0.5, 100))
+    assert four_each == pytest.approx(wilson_interval(0.5, 100))  # 400 samples, still 100 problems
+    assert problem_accuracies([[True, False, True, True], [False]]) == [0.75, 0.0]
+
+
+def test_paired_difference_interval() -> None:
+    assert paired_difference_interval([1.0, 1.0], [1.0, 1.0]) == (0.0, 0.0, 0.0)
+    mean, low, high = paired_difference_interval([1.0, 0.0, 1.0, 1.0], [1.0, 1.0, 1.0, 0.0])
+    sd = math.sqrt(2 / 3)  # differences 0, -1, 0, 1
+    assert mean == 0.0 and high == pytest.approx(1.959963984540054 * sd / 2) and low == pytest.approx(-high)
+    with pytest.raises(ValueError):
+        paired_difference_interval([1.0], [1.0, 0.0])

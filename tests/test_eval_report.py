@@ -3,16 +3,32 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
 from memento.eval.report import comparisons, write_report
 
+ACCURACIES = {0.75: [1.0, 0.5], 0.5: [0.5, 0.5], 0.25: [0.5, 0.0]}
+"""Each run's two problems' accuracies (two samples each), by the run's pass@1."""
+
 
 def _run(label: str, mode: str, pass1: float, peak: float, auc: float, tps: float, blocks: int) -> dict:
     rows = [
-        {"blocks": blocks, "block_tokens": [40] * blocks, "memento_tokens": [10] * blocks},
-        {"blocks": blocks, "block_tokens": [50] * blocks, "memento_tokens": [12] * blocks},
+        {
+            "problem": "p0",
+            "sample": 0,
+            "blocks": blocks,
+            "block_tokens": [40] * blocks,
+            "memento_tokens": [10] * blocks,
+        },
+        {
+            "problem": "p1",
+            "sample": 0,
+            "blocks": blocks,
+            "block_tokens": [50] * blocks,
+            "memento_tokens": [12] * blocks,
+        },
     ]
     return {
         "label": label,
@@ -20,6 +36,8 @@ def _run(label: str, mode: str, pass1: float, peak: float, auc: float, tps: floa
         "problems": 2,
         "samples": 2,
         "accuracy": {"pass@1": pass1, "pass@2": min(1.0, pass1 + 0.25), "maj@2": pass1},
+        "pass@1_ci95": [pass1 - 0.25, min(1.0, pass1 + 0.2)],
+        "problem_accuracy": ACCURACIES[pass1],
         "mean_peak_kv": peak,
         "mean_auc_kv": auc,
         "bytes_per_token": 512,
@@ -55,6 +73,9 @@ def test_comparisons_against_the_first_vanilla_run(results) -> None:
     assert memento["peak_kv_ratio"] == pytest.approx(0.25)
     assert memento["auc_kv_ratio"] == pytest.approx(0.25)
     assert memento["throughput_ratio"] == pytest.approx(2.5)
+    # paired over the two problems: differences -0.5 and 0, sd 0.354, half-width 1.96 x 0.354 / sqrt(2)
+    half = 1.959963984540054 * math.sqrt(0.125) / math.sqrt(2)
+    assert memento["pass@1_diff_ci95_pp"] == pytest.approx([100 * (-0.25 - half), 100 * (-0.25 + half)])
     assert rows["memento [restart]"]["auc_kv_ratio"] == pytest.approx(0.3)
     with pytest.raises(ValueError, match="not one of the runs"):
         comparisons({**results, "baseline": "nope [vanilla]"})
@@ -64,9 +85,12 @@ def test_report_has_the_tables_and_the_plots(results, tmp_path) -> None:
     path = write_report(results, tmp_path, kv_models=["qwen3-8b", "qwen3-32b"])
     text = path.read_text()
     assert text.startswith("# A fixed result\n")
-    assert "| run | pass@1 | pass@2 | maj@2 | mean peak KV (tokens) |" in text
-    assert "| control [vanilla] | 75.0% | 100.0% | 75.0% | 400 | 80,000 | 200.0 | 1,000 | 300 | eos 4 |" in text
-    assert "| memento [memento] | -25.0 pp | 0.25x | 0.25x | 2.50x |" in text
+    assert "| run | pass@1 [95% interval] | pass@2 | maj@2 | mean peak KV (tokens) |" in text
+    assert (
+        "| control [vanilla] | 75.0% [50.0, 95.0] | 100.0% | 75.0% | 400 | 80,000 | 200.0 | 1,000 | 300 | eos 4 |"
+        in text
+    )
+    assert "| memento [memento] | -25.0 pp [-74.0, +24.0] | 0.25x | 0.25x | 2.50x |" in text
     # Real sizes: 400 tokens x 144 KiB = 0.059 GB peak; AUC 80,000 token-steps x 147,456 B = 0.0118 GB x ktok.
     assert "| control [vanilla] | 0.059 / 0.0118 | 0.105 / 0.021 |" in text
     saved = json.loads((tmp_path / "results.json").read_text())

@@ -23,7 +23,7 @@ from memento.cli.common import (
     require_exists,
     settings_from,
 )
-from memento.demo import run_demo
+from memento.demo import run_demo, run_seeds, seeds_table
 from memento.engine import SamplingParams
 from memento.eval.kvsim import PRESETS
 from memento.eval.report import runs_table, write_report
@@ -124,6 +124,15 @@ def demo_command(
         bool, typer.Option("--quick", help="A smoke run of every step (under a minute on 2 cores).")
     ] = False,
     fresh: Annotated[bool, typer.Option("--fresh", help="Delete OUT first instead of resuming.")] = False,
+    seeds: Annotated[
+        int,
+        typer.Option(
+            "--seeds",
+            min=1,
+            help="Run everything on this many seeds (0, 1, ...), each in OUT/seed-S, and tabulate them in "
+            "OUT/seeds.md.",
+        ),
+    ] = 1,
     progress: ProgressOpt = True,
 ) -> None:
     """The end-to-end demo: synthetic data, control and memento models, evaluation, report.
@@ -134,7 +143,14 @@ def demo_command(
     OUT/report.md, OUT/results.json, plots and both checkpoints (OUT/control-model, OUT/memento-model).
     """
     console = Console(highlight=False)
-    results = run_demo(out, quick=quick, fresh=fresh, show_progress=progress, log=lambda m: console.print(escape(m)))
+    log = lambda m: console.print(escape(m))  # noqa: E731
+    if seeds > 1:
+        every = run_seeds(out, seeds, quick=quick, fresh=fresh, show_progress=progress, log=log)
+        for line in seeds_table(every):
+            console.print(escape(line))
+        console.print(f"seeds: {out / 'seeds.md'}")
+        return
+    results = run_demo(out, quick=quick, fresh=fresh, show_progress=progress, log=log)
     console.print(runs_table(results["runs"], results.get("title")))
     for target in results["targets"]:
         mark = "[green]met[/green]" if target["met"] else "[red]NOT met[/red]"

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from memento.eval.kvsim import PRESETS, KVSpec
+from memento.eval.metrics import paired_difference_interval
 
 PLOTS = {
     "sawtooth": "kv_sawtooth.png",
@@ -44,11 +45,13 @@ def comparisons(results: dict[str, Any]) -> list[dict[str, Any]]:
     for run in results["runs"]:
         if run is base:
             continue
+        paired = _paired(run, base)
         out.append(
             {
                 "run": run_name(run),
                 "baseline": run_name(base),
                 "pass@1_diff_pp": 100 * (run["accuracy"]["pass@1"] - base["accuracy"]["pass@1"]),
+                "pass@1_diff_ci95_pp": [100 * paired[1], 100 * paired[2]] if paired else None,
                 "peak_kv_ratio": _ratio(run["mean_peak_kv"], base["mean_peak_kv"]),
                 "auc_kv_ratio": _ratio(run["mean_auc_kv"], base["mean_auc_kv"]),
                 "throughput_ratio": _ratio(run["tokens_per_second"], base["tokens_per_second"]),
@@ -57,8 +60,23 @@ def comparisons(results: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def _paired(run: dict[str, Any], base: dict[str, Any]) -> tuple[float, float, float] | None:
+    """The paired difference in accuracy over the same problems (None when they are not the same)."""
+    a, b = run.get("problem_accuracy"), base.get("problem_accuracy")
+    same = [r["problem"] for r in run.get("rows", []) if r.get("sample", 0) == 0] == [
+        r["problem"] for r in base.get("rows", []) if r.get("sample", 0) == 0
+    ]
+    if not a or not b or len(a) != len(b) or not same:
+        return None
+    return paired_difference_interval(a, b)
+
+
 def _ratio(a: float, b: float) -> float | None:
     return a / b if b else None
+
+
+def _interval(bounds: list[float] | None) -> str:
+    return "" if not bounds else f" [{bounds[0]:+.1f}, {bounds[1]:+.1f}]"
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -75,12 +93,20 @@ def accuracy_columns(results: dict[str, Any]) -> list[str]:
 def results_table(results: dict[str, Any]) -> list[str]:
     """The main table: accuracy, KV in tokens and bytes, throughput, finish reasons, per run."""
     columns = accuracy_columns(results)
-    head = ["run", *columns, "mean peak KV (tokens)", "mean AUC KV (token-steps)", "peak KV (KiB, this model)"]
+    head = [
+        "run",
+        *(f"{c} [95% interval]" if c == "pass@1" else c for c in columns),
+        "mean peak KV (tokens)",
+        "mean AUC KV (token-steps)",
+        "peak KV (KiB, this model)",
+    ]
     head += ["tokens/s", "mean tokens", "finish reasons"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for run in results["runs"]:
         cells = [run_name(run)]
         cells += [f"{100 * run['accuracy'][c]:.1f}%" for c in columns]
+        low, high = run.get("pass@1_ci95") or (None, None)
+        cells[1] += f" [{100 * low:.1f}, {100 * high:.1f}]" if low is not None else ""
         cells += [
             f"{run['mean_peak_kv']:.0f}",
             f"{run['mean_auc_kv']:,.0f}",
@@ -100,12 +126,13 @@ def comparison_table(results: dict[str, Any]) -> list[str]:
     lines = [
         f"Against the baseline **{rows[0]['baseline']}**:",
         "",
-        "| run | pass@1 difference | peak KV ratio | AUC KV ratio | throughput ratio |",
+        "| run | pass@1 difference [95% interval, paired] | peak KV ratio | AUC KV ratio | throughput ratio |",
         "|---|---|---|---|---|",
     ]
     for row in rows:
         lines.append(
-            f"| {row['run']} | {row['pass@1_diff_pp']:+.1f} pp | {_fmt(row['peak_kv_ratio'], '.2f')}x "
+            f"| {row['run']} | {row['pass@1_diff_pp']:+.1f} pp{_interval(row['pass@1_diff_ci95_pp'])} "
+            f"| {_fmt(row['peak_kv_ratio'], '.2f')}x "
             f"| {_fmt(row['auc_kv_ratio'], '.2f')}x | {_fmt(row['throughput_ratio'], '.2f')}x |"
         )
     return lines
@@ -189,11 +216,14 @@ def draw_plots(results: dict[str, Any], out: Path) -> list[tuple[str, str]]:
     fig = Figure(figsize=(6, 4.5), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
-    for run in runs:
-        ax.scatter(run["mean_peak_kv"], 100 * run["accuracy"]["pass@1"], s=40)
+    for run in [*runs, *results.get("sampled", {}).get("runs", [])]:  # the demo's sampled runs too
+        accuracy = 100 * run["accuracy"]["pass@1"]
+        low, high = run.get("pass@1_ci95") or (run["accuracy"]["pass@1"],) * 2
+        error = [[max(0.0, accuracy - 100 * low)], [max(0.0, 100 * high - accuracy)]]
+        ax.errorbar(run["mean_peak_kv"], accuracy, yerr=error, fmt="o", markersize=6, capsize=3)
         ax.annotate(run_name(run), (run["mean_peak_kv"], 100 * run["accuracy"]["pass@1"]), fontsize=8)
     ax.set_xlabel("mean peak KV per request (tokens)")
-    ax.set_ylabel("pass@1 (%)")
+    ax.set_ylabel("pass@1 (%), 95% interval")
     ax.set_xlim(left=0)
     ax.set_ylim(-2, 102)
     ax.set_title("Accuracy vs peak KV")

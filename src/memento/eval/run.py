@@ -8,7 +8,8 @@ modes are the KV policy's alone.
 
 Each run records, per sample: the answer, whether it is right, its tokens, finish reason, live-KV
 peak and AUC (measured by the engine at every decode step), the blocks and memento lengths it
-wrote; and per run: pass@1 / pass@k / maj@k, throughput and the engine's counters.
+wrote; and per run: pass@1 (with its 95% interval over problems) / pass@k / maj@k, each problem's
+accuracy (for paired comparisons), throughput and the engine's counters.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 from memento.chat import chat_prompt
 from memento.engine import EngineConfig, LLMEngine, SamplingParams
 from memento.eval.grading import Grader, answer_text
-from memento.eval.metrics import accuracy_summary, kv_summary
+from memento.eval.metrics import accuracy_summary, kv_summary, pass_at_1_interval, problem_accuracies
 from memento.eval.tasks import TaskSet
 from memento.format import SpecialTokenIds
 from memento.masking import MaskConfig
@@ -213,6 +214,8 @@ def run_mode(
         "problems": len(task_set.problems),
         "samples": settings.samples,
         "accuracy": accuracy_summary(per_problem, ks),
+        "pass@1_ci95": list(pass_at_1_interval([[ok for _, ok in graded] for graded in per_problem])),
+        "problem_accuracy": problem_accuracies([[ok for _, ok in graded] for graded in per_problem]),
         "mean_peak_kv": statistics.mean(r["peak_kv"] for r in rows),
         "mean_auc_kv": statistics.mean(r["auc_kv"] for r in rows),
         "mean_vanilla_peak_kv": statistics.mean(r["vanilla_peak_kv"] for r in rows),
