@@ -100,6 +100,25 @@ def test_padding_changes_nothing(tokenizer, padding_side: str) -> None:
             assert (batch["labels"][b, offset + n :] == IGNORE_INDEX).all()
 
 
+def test_stage_1_right_padding_leaves_the_mask_out_and_changes_nothing(tokenizer) -> None:
+    """Stage 1 right-pads without a padding mask (so SDPA runs its causal kernel): every real token's
+    logits and the loss equal those of each example alone and of the left-padded, masked batch."""
+    model = tiny_model(tokenizer)
+    right = make_collator(model, tokenizer, stage=1, settings=SFTSettings())
+    left = MementoCollator(**{**right.__dict__, "padding_side": "left"})
+    examples = [tokenize_example(tokenizer, r["problem"], r["response"]) for r in records(4, seed=5)]
+    examples[2] = tokenize_example(tokenizer, "Add 5", records(1, seed=9, blocks=1)[0]["response"])  # short
+    batch, masked = right(examples), left(examples)
+    assert set(batch) == {"input_ids", "labels"} and "attention_mask" in masked
+    assert batch["input_ids"].shape[1] > min(len(e["input_ids"]) for e in examples)  # it is padded
+    with torch.no_grad():
+        out = model(**batch)
+        torch.testing.assert_close(out.loss, model(**masked).loss, rtol=1e-5, atol=1e-6)
+        for b, example in enumerate(examples):
+            alone = model(torch.tensor([example["input_ids"]])).logits[0]
+            torch.testing.assert_close(out.logits[b, : len(alone)], alone, rtol=1e-5, atol=1e-5)
+
+
 def test_a_model_that_cannot_take_a_4d_mask_is_refused(tokenizer) -> None:
     model = tiny_model(tokenizer)
     model.config._attn_implementation = "flash_attention_2"
