@@ -135,7 +135,8 @@ PAPER_THROUGHPUT = 1.75
 
 TARGETS = (
     ("control greedy pass@1 >= 95% (a competent baseline)", lambda c: c["control_pass@1"] >= 0.95),
-    ("memento pass@1 >= control - 2 pp", lambda c: c["pass@1_diff_pp"] >= -2.0),
+    # rounded: 98% against 100% is -2.0000000000000018 pp in floating point, and meets the target
+    ("memento pass@1 >= control - 2 pp", lambda c: round(c["pass@1_diff_pp"], 9) >= -2.0),
     ("peak KV (memento / control) <= 0.35", lambda c: c["peak_kv_ratio"] <= 0.35),
     ("AUC KV (memento / control) <= 0.35", lambda c: c["auc_kv_ratio"] <= 0.35),
     ("throughput at the same KV budget (memento / control) >= 1.5", lambda c: c["throughput_ratio"] >= 1.5),
