@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 
 import torch
@@ -84,3 +85,20 @@ def memento_case(
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
     return prompt_ids, response_ids
+
+
+@contextlib.contextmanager
+def running_tiny_server(**engine_options):
+    """A tiny model served on 127.0.0.1 in a thread: yields (the running server, its async engine)."""
+    from memento.engine import EngineConfig
+    from memento.serve.server import build_app, start_in_thread
+    from memento.tiny_tokenizer import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer()
+    config = EngineConfig.from_options(**engine_options)
+    app = build_app(tiny_model(tok, seed=3), config, tokenizer=tok, model_name="tiny")
+    running = start_in_thread(app)
+    try:
+        yield running, app.state.memento.async_engine
+    finally:
+        running.stop()

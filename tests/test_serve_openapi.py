@@ -13,11 +13,8 @@ import httpx
 import jsonschema_rs
 import pytest
 
-from helpers import tiny_model
-from memento.engine import EngineConfig
+from helpers import running_tiny_server
 from memento.serve.protocol import error_body
-from memento.serve.server import build_app, start_in_thread
-from memento.tiny_tokenizer import build_tiny_tokenizer
 from test_serve import wait_for_empty_pool
 
 # A short context keeps every generation short, whatever n and max_tokens the fuzzer picks.
@@ -31,11 +28,8 @@ JSON = {"content-type": "application/json"}
 
 @pytest.fixture(scope="module")
 def server():
-    tok = build_tiny_tokenizer()
-    app = build_app(tiny_model(tok, seed=3), EngineConfig.from_options(**CONFIG), tokenizer=tok, model_name="tiny")
-    running = start_in_thread(app)
-    yield running, app.state.memento.async_engine
-    running.stop()
+    with running_tiny_server(**CONFIG) as served:
+        yield served
 
 
 @pytest.fixture(scope="module")

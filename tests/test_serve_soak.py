@@ -26,10 +26,7 @@ import httpx
 import jsonschema_rs
 import pytest
 
-from helpers import tiny_model
-from memento.engine import EngineConfig
-from memento.serve.server import build_app, start_in_thread
-from memento.tiny_tokenizer import build_tiny_tokenizer
+from helpers import running_tiny_server
 from test_serve import wait_for_empty_pool
 
 pytestmark = pytest.mark.slow
@@ -225,11 +222,8 @@ class Soak:
 
 @pytest.fixture(scope="module")
 def server():
-    tok = build_tiny_tokenizer()
-    app = build_app(tiny_model(tok, seed=3), EngineConfig.from_options(**CONFIG), tokenizer=tok, model_name="tiny")
-    running = start_in_thread(app)
-    yield running, app.state.memento.async_engine
-    running.stop()
+    with running_tiny_server(**CONFIG) as served:
+        yield served
 
 
 # A client that leaves a stream early leaves httpx's async generators to the garbage collector, which

@@ -422,7 +422,7 @@ def run_demo(
     _check_config(config, out)
     start = time.perf_counter()
     trained = train_models(config, out, log)
-    log("evaluating: control (vanilla), memento (memento), memento (restart)")
+    log("evaluating: greedy control (vanilla), memento (memento), memento (restart); then sampled control and memento")
     results = evaluate_models(config, trained["models"], show_progress)
     results["title"] = "memento demo" + (" (--quick: a smoke run, models barely trained)" if quick else "")
     results["training_seconds"] = trained["training_seconds"]
