@@ -242,3 +242,10 @@ def test_paired_difference_interval() -> None:
     assert mean == 0.0 and high == pytest.approx(1.959963984540054 * sd / 2) and low == pytest.approx(-high)
     with pytest.raises(ValueError):
         paired_difference_interval([1.0], [1.0, 0.0])
+
+
+def test_paired_difference_interval_stays_within_plus_minus_100_pp() -> None:
+    """A run that fails nearly everything against one that passes everything (the restart ablation)."""
+    a = [0.0] * 97 + [1.0] * 3
+    mean, low, high = paired_difference_interval(a, [1.0] * 100)
+    assert mean == pytest.approx(-0.97) and low == -1.0 and -0.97 < high < -0.9

@@ -4,6 +4,7 @@
 - :mod:`~memento.cli.inspect`: ``memento inspect``, one trace in colour and its attention mask;
 - :mod:`~memento.cli.synth`: ``memento synth``, synthetic memento traces;
 - :mod:`~memento.cli.train`: ``memento train``, two-stage memento SFT;
+- :mod:`~memento.cli.rl`: ``memento rl``, RL with CISPO on block-masked rollouts;
 - :mod:`~memento.cli.generate`: ``memento generate``, the memento engine on a few prompts;
 - :mod:`~memento.cli.evaluate`: ``memento eval`` and ``memento demo``;
 - :mod:`~memento.cli.serve`: ``memento serve``, the OpenAI API (embedded engine or vLLM);
@@ -43,6 +44,7 @@ COMMANDS: dict[str, CommandEntry] = {
         "Two-stage memento SFT: stage 1 with full causal attention, stage 2 with the memento mask\n"
         "(the mask options set stage 2's).",
     ),
+    "rl": CommandEntry("rl", "RL with CISPO on block-masked rollouts, from a memento SFT checkpoint."),
     "generate": CommandEntry(
         "generate", "Generate with the memento engine: blocks are evicted from the KV pool as their mementos close."
     ),

@@ -78,6 +78,9 @@ class CompletionOutput:
     error: str | None = None
     logprobs: list[float | None] | None = None
     top_logprobs: list[dict[int, float] | None] | None = None
+    cap_forced: list[int] = field(default_factory=list)
+    """Indices into ``token_ids`` of the ``<|block_end|>`` tokens the block cap forced: the model did
+    not sample them (RL keeps them out of the policy gradient)."""
     kv: KVStats = field(default_factory=KVStats)
     logits: list[torch.Tensor] | None = None  # per sampled step, when EngineConfig.keep_logits
 
@@ -380,7 +383,7 @@ class LLMEngine:
                     if token is None:
                         continue  # its sampling failed: finished with "error"
                     try:
-                        self._accept(seq, token, logits[i] if self.config.keep_logits else None, on_token)
+                        self._accept(seq, token, logits[i], on_token)
                     except Exception as err:
                         self._fail(seq, "taking its token", err, touched)
                     touched.add(seq.request_id)
@@ -420,19 +423,26 @@ class LLMEngine:
         self.pool.free(seq.release_dead())
         self.stats.release_seconds += time.perf_counter() - t0
 
-    def _accept(self, seq: Sequence, sampled: SampledToken, logits: torch.Tensor | None, on_token) -> None:
-        """Append the sampled (or forced, or cap-forced) token; finish the sequence or feed it on."""
+    def _accept(self, seq: Sequence, sampled: SampledToken, logits: torch.Tensor, on_token) -> None:
+        """Append the sampled (or forced, or cap-forced) token; finish the sequence or feed it on.
+
+        A token put in place of the sampled one reports the model's logprob of *that* token (what a
+        trainer scoring the sequence computes), not the logprob of the token it replaced.
+        """
         token = sampled.token_id
         if seq.forced_tokens is not None:
             token = seq.forced_tokens[len(seq.output_ids)]
         elif seq.block_cap.must_end:
             token = self.specials.block_end
+            seq.cap_forced.append(len(seq.output_ids))
+        if token != sampled.token_id and sampled.logprob is not None:
+            sampled.logprob = float(torch.log_softmax(logits.float(), dim=-1)[token])
         sampled.token_id = token
         evictions_before, evicted_before = seq.stats.evictions, seq.stats.evicted_tokens
         seq.append_output(token)
         seq.logprobs.append(sampled.logprob)
         seq.top_logprobs.append(sampled.top_logprobs)
-        if logits is not None:
+        if self.config.keep_logits:
             seq.kept_logits.append(logits)
         self.stats.generated_tokens += 1
         if on_token is not None:
@@ -482,6 +492,7 @@ class LLMEngine:
             out.stop_reason = seq.stop_reason
             out.error = seq.error
             out.kv = seq.stats
+            out.cap_forced = list(seq.cap_forced)
             if seq.params.logprobs is not None:
                 out.logprobs = list(seq.logprobs)
                 out.top_logprobs = list(seq.top_logprobs)

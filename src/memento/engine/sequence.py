@@ -76,6 +76,7 @@ class Sequence:
         self.output_ids: list[int] = []
         self.logprobs: list[float | None] = []
         self.top_logprobs: list[dict[int, float] | None] = []
+        self.cap_forced: list[int] = []  # indices into output_ids of tokens the block cap forced
         self.kept_logits: list = []
         self.stats = KVStats()
         self.block_cap.feed(self.prompt_ids)

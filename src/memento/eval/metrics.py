@@ -130,7 +130,8 @@ def paired_difference_interval(a: Sequence[float], b: Sequence[float], z: float 
 
     The normal interval of a paired mean: both runs answered the same problems, so the problems'
     own difficulty cancels and the interval is narrower than two independent ones. With no
-    disagreement at all it is the point itself.
+    disagreement at all it is the point itself. Accuracies lie in [0, 1], so the interval is cut to
+    [-1, 1] (the normal approximation would run past -100 pp for a run that fails nearly everything).
     """
     if len(a) != len(b) or not a:
         raise ValueError(f"need the same, non-zero number of problems, got {len(a)} and {len(b)}")
@@ -141,7 +142,7 @@ def paired_difference_interval(a: Sequence[float], b: Sequence[float], z: float 
         return mean, mean, mean
     sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
     half = z * sd / math.sqrt(n)
-    return mean, mean - half, mean + half
+    return mean, max(-1.0, mean - half), min(1.0, mean + half)
 
 
 def kv_summary(live_kv: Sequence[int]) -> dict[str, int]:

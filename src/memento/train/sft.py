@@ -114,7 +114,7 @@ class JsonlLogCallback:
         self.start = time.monotonic()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs:
+        if logs and getattr(state, "is_world_process_zero", True):  # one writer under multi-process training
             entry = {"stage": self.stage, "step": state.global_step, "epoch": state.epoch}
             entry["elapsed_s"] = round(time.monotonic() - self.start, 2)
             entry.update({k: v for k, v in logs.items() if isinstance(v, int | float)})
@@ -148,24 +148,30 @@ def tied_keys_restored(model: Any, missing_keys: Iterable[str]) -> list[str]:
     ]
 
 
-def _trainer_class():
-    """The HF Trainer, minus its false alarm about tied weights.
+class QuietTiedKeys:
+    """Trainer mixin: no false alarm about tied weights when a checkpoint is reloaded.
 
-    With ``load_best_model_at_end`` the Trainer reloads the best checkpoint's state dict and warns
-    "There were missing keys in the checkpoint model loaded: ['lm_head.weight']" for every model
-    with tied embeddings (the tiny models, Qwen3-0.6B...), which a user reads as a broken model.
-    Keys that are tied to a loaded weight are not missing: they are dropped from the warning; any
-    other missing or unexpected key is still reported.
+    With ``load_best_model_at_end`` (or a resume) the Trainer reloads a checkpoint's state dict and
+    warns "There were missing keys in the checkpoint model loaded: ['lm_head.weight']" for every
+    model with tied embeddings (the tiny models, Qwen3-0.6B...), which a user reads as a broken
+    model. Keys that are tied to a loaded weight are not missing: they are dropped from the warning;
+    any other missing or unexpected key is still reported.
     """
+
+    def _issue_warnings_after_load(self, load_result: Any) -> None:
+        restored = set(tied_keys_restored(self.model, load_result.missing_keys))
+        if restored:
+            missing = [key for key in load_result.missing_keys if key not in restored]
+            load_result = load_result._replace(missing_keys=missing)
+        super()._issue_warnings_after_load(load_result)  # type: ignore[misc]
+
+
+def _trainer_class():
+    """The HF Trainer with :class:`QuietTiedKeys`."""
     from transformers import Trainer
 
-    class MementoTrainer(Trainer):
-        def _issue_warnings_after_load(self, load_result: Any) -> None:
-            restored = set(tied_keys_restored(self.model, load_result.missing_keys))
-            if restored:
-                missing = [key for key in load_result.missing_keys if key not in restored]
-                load_result = load_result._replace(missing_keys=missing)
-            super()._issue_warnings_after_load(load_result)
+    class MementoTrainer(QuietTiedKeys, Trainer):
+        pass
 
     return MementoTrainer
 
