@@ -65,6 +65,7 @@ PLAN: list[tuple[str, str]] = [
     (r"^memento inspect ", FAST),
     (r"^memento synth ", FAST),
     (r"^memento train ", SLOW),
+    (r"^memento rl ", SLOW),
     (r"^memento generate ", SLOW),
     (r"^memento eval ", SLOW),
     (r"^memento demo \[", "covered: a synopsis; tests/test_demo.py runs memento demo --quick"),
@@ -78,6 +79,7 @@ BOUNDS: dict[str, str] = {
     "memento train": "--max-steps 4 --eval-steps 2 --batch-size 4",
     "memento eval": "--problems 3 --max-tokens 48 --no-progress",
     "memento generate": "--max-tokens 24",
+    "memento rl": "--steps 1 -G 2 --prompts-per-step 2 --batch-size 4 --max-tokens 24 -n 4 --no-progress",
 }
 """Appended to commands that would otherwise train for an hour or decode thousands of tokens."""
 
