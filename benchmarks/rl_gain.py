@@ -1,0 +1,224 @@
+"""RL gain: `memento rl` (CISPO on block-masked rollouts) from a memento SFT checkpoint below ceiling.
+
+    .venv/bin/python benchmarks/rl_gain.py --work runs/rl_gain
+
+1. The SFT checkpoint (cached in WORK/sft): the demo's stage 1 (full attention on short problems of
+   stream_sum), then a short memento stage 2 on the demo's long traces (``--sft-steps`` at
+   ``--sft-lr``): a memento model that is right on some held-out problems and wrong on others.
+2. Greedy held-out accuracy before RL (memento mode, ``--test`` problems of the test split).
+3. RL (memento.train.rl.train_rl) on training-split prompts, timed.
+4. Greedy held-out accuracy after RL on the same problems: the paired difference over problems with
+   its 95% interval; mean peak KV per response before/after (eval) and per rollout (the RL log).
+5. Rollout throughput at one KV budget: the same prompts sampled as RL samples them (temperature 1,
+   G per prompt) in memento mode and in vanilla mode (nothing evicted): tokens/s side by side.
+
+Prints a Markdown table and writes WORK/rl_gain.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from memento.demo import DEMO_KNOBS, DemoConfig, _prepare_data
+from memento.eval.metrics import paired_difference_interval, wilson_interval
+from memento.eval.run import GREEDY, EvalSettings, Mode, evaluate_model, load_model
+from memento.eval.tasks import synthetic_task_set
+from memento.masking import CHAT_MEMENTO, MaskConfig
+from memento.synth import generate
+from memento.train.pipeline import TrainPlan, run_training
+from memento.train.rl import RLSettings, read_rl_log, train_rl
+from memento.train.rollouts import EngineRollouts, RolloutSettings
+from memento.train.sft import SFTSettings
+
+TASK = "stream_sum"
+
+
+def build_sft_checkpoint(work: Path, args: argparse.Namespace, log=print) -> Path:
+    """Stage 1 as the demo trains it, then ``sft_steps`` of memento stage 2 (cached)."""
+    best = work / "sft" / "stage2" / "best"
+    if (best / "config.json").exists():
+        log(f"SFT checkpoint: reusing {best}")
+        return best
+    config = DemoConfig(seed=args.seed)
+    files = _prepare_data(config, work / "data", log)
+    stage1 = work / "sft" / "stage1" / "best"
+    if not (stage1 / "config.json").exists():
+        stage1 = run_training(
+            TrainPlan(
+                train_file=files["stage1-train"],
+                eval_file=files["stage1-validation"],
+                output_dir=work / "sft",
+                stage="1",
+                tiny_arch="qwen3",
+                tiny_options={"hidden_size": 128, "num_hidden_layers": 4, "intermediate_size": 256, "seed": args.seed},
+                stage1=SFTSettings(
+                    learning_rate=config.learning_rate,
+                    max_steps=config.stage1_steps,
+                    batch_size=config.stage1_batch_size,
+                    eval_steps=config.eval_every,
+                    logging_steps=50,
+                    eval_batch_size=32,
+                    seed=args.seed,
+                    lr_scheduler="cosine_with_min_lr",
+                    extra={"lr_scheduler_kwargs": {"min_lr_rate": config.stage1_final_lr_fraction}},
+                ),
+            ),
+            log=log,
+        )["stage1"]
+    return run_training(
+        TrainPlan(
+            train_file=files["train"],
+            eval_file=files["validation"],
+            output_dir=work / "sft",
+            stage="2",
+            model_path=stage1,
+            stage2=SFTSettings(
+                learning_rate=args.sft_lr,
+                max_steps=args.sft_steps,
+                batch_size=4,
+                eval_steps=max(1, args.sft_steps // 2),
+                logging_steps=25,
+                eval_batch_size=32,
+                seed=args.seed,
+            ),
+        ),
+        log=log,
+    )["stage2"]
+
+
+def greedy_eval(model_dir: Path, args: argparse.Namespace) -> dict:
+    model, tokenizer = load_model(str(model_dir))
+    task_set = synthetic_task_set(TASK, args.test, split="test", seed=1, knobs=DEMO_KNOBS)
+    settings = EvalSettings(
+        sampling=replace(GREEDY, max_tokens=args.max_tokens, seed=0), kv_budget_tokens=12288, max_num_seqs=64
+    )
+    (run,) = evaluate_model(model, tokenizer, task_set, [Mode.parse("memento")], settings, label=model_dir.name)
+    return run
+
+
+def rollout_throughput(model_dir: Path, prompts: list[str], args: argparse.Namespace) -> dict[str, dict]:
+    """The same rollouts (same prompts, seeds, temperature 1) in memento and vanilla mode, one KV budget."""
+    model, tokenizer = load_model(str(model_dir))
+    out = {}
+    for name, mask in (("memento", CHAT_MEMENTO), ("vanilla", MaskConfig.chat(keep_last_n=-1))):
+        settings = RolloutSettings(
+            max_tokens=args.max_tokens, mask=mask, kv_budget_tokens=args.kv_budget, max_num_seqs=64, seed=7
+        )
+        start = time.perf_counter()
+        result = EngineRollouts(tokenizer, settings).generate(model, prompts)
+        seconds = time.perf_counter() - start
+        tokens = sum(len(c) for c in result["completion_ids"])
+        out[name] = {
+            "seconds": seconds,
+            "tokens": tokens,
+            "tokens_per_second": tokens / seconds,
+            "mean_peak_kv": statistics.mean(result["peak_kv"]),
+        }
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work", type=Path, default=Path("runs/rl_gain"))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sft-steps", type=int, default=100)
+    parser.add_argument("--sft-lr", type=float, default=1e-3)
+    parser.add_argument("--test", type=int, default=100)
+    parser.add_argument("--max-tokens", type=int, default=1200)
+    parser.add_argument("--rl-steps", type=int, default=30)
+    parser.add_argument("--rl-lr", type=float, default=3e-4)
+    parser.add_argument("--generations", type=int, default=8)
+    parser.add_argument("--prompts-per-step", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--beta", type=float, default=0.001)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--kv-budget", type=int, default=12288)
+    parser.add_argument("--throughput-prompts", type=int, default=8)
+    parser.add_argument("--skip-throughput", action="store_true")
+    args = parser.parse_args()
+    torch.manual_seed(args.seed)
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+
+    t0 = time.perf_counter()
+    sft = build_sft_checkpoint(work, args)
+    sft_seconds = time.perf_counter() - t0
+    before = greedy_eval(sft, args)
+    print(
+        f"before RL: greedy {before['accuracy']['pass@1']:.1%}, mean peak KV {before['mean_peak_kv']:.0f}", flush=True
+    )
+
+    problems = generate(TASK, "train", 4 * args.rl_steps * args.prompts_per_step, seed=args.seed + 100, **DEMO_KNOBS)
+    settings = RLSettings(
+        steps=args.rl_steps,
+        num_generations=args.generations,
+        prompts_per_step=args.prompts_per_step,
+        batch_size=args.batch_size,
+        learning_rate=args.rl_lr,
+        warmup_steps=args.warmup,
+        beta=args.beta,
+        max_tokens=args.max_tokens,
+        kv_budget_tokens=args.kv_budget,
+        save_steps=max(1, args.rl_steps // 3),
+        seed=args.seed,
+    )
+    rl_dir = work / f"rl-lr{args.rl_lr:g}-s{args.rl_steps}"
+    start = time.perf_counter()
+    final = train_rl(sft, [{"prompt": p.prompt, "answer": p.answer} for p in problems], rl_dir, settings)
+    rl_seconds = time.perf_counter() - start
+    after = greedy_eval(final, args)
+
+    a, b = after["problem_accuracy"], before["problem_accuracy"]
+    diff, low, high = paired_difference_interval(a, b)
+    steps = [e for e in read_rl_log(rl_dir) if "loss" in e]
+    result = {
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "sft_checkpoint": str(sft),
+        "sft_seconds": sft_seconds,
+        "rl_seconds": rl_seconds,
+        "before": {k: before[k] for k in ("accuracy", "pass@1_ci95", "mean_peak_kv", "mean_auc_kv", "finish_reasons")},
+        "after": {k: after[k] for k in ("accuracy", "pass@1_ci95", "mean_peak_kv", "mean_auc_kv", "finish_reasons")},
+        "gain_pp": [100 * diff, 100 * low, 100 * high],
+        "rollout_reward_first_last": [steps[0].get("reward"), steps[-1].get("reward")] if steps else None,
+        "rollout_peak_kv_first_last": [steps[0].get("rollout/peak_kv"), steps[-1].get("rollout/peak_kv")]
+        if steps
+        else None,
+    }
+    if not args.skip_throughput:
+        prompts = [p.prompt for p in problems[: args.throughput_prompts] for _ in range(args.generations)]
+        result["rollout_throughput"] = rollout_throughput(sft, prompts, args)
+    (work / "rl_gain.json").write_text(json.dumps(result, indent=2) + "\n")
+
+    n = len(a)
+    lo_b, hi_b = wilson_interval(statistics.mean(b), n)
+    lo_a, hi_a = wilson_interval(statistics.mean(a), n)
+    print()
+    print("| | greedy held-out accuracy [95%] | mean peak KV per response (tokens) |")
+    print("|---|---|---|")
+    print(f"| SFT checkpoint | {statistics.mean(b):.1%} [{lo_b:.1%}, {hi_b:.1%}] | {before['mean_peak_kv']:.0f} |")
+    print(
+        f"| after RL ({args.rl_steps} steps, {rl_seconds:.0f} s) | {statistics.mean(a):.1%} [{lo_a:.1%}, {hi_a:.1%}] "
+        f"| {after['mean_peak_kv']:.0f} |"
+    )
+    print(
+        f"\nRL gain: {100 * diff:+.1f} pp [{100 * low:+.1f}, {100 * high:+.1f}] (paired over {n} problems); "
+        f"RL wall time {rl_seconds:.0f} s; rollout reward {result['rollout_reward_first_last']}"
+    )
+    if "rollout_throughput" in result:
+        tp = result["rollout_throughput"]
+        mem, van = tp["memento"]["tokens_per_second"], tp["vanilla"]["tokens_per_second"]
+        print(
+            f"rollout throughput at a {args.kv_budget}-token KV budget: memento {mem:.0f} tokens/s, "
+            f"vanilla {van:.0f} tokens/s: {mem / van:.2f}x"
+        )
+
+
+if __name__ == "__main__":
+    main()
