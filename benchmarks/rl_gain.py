@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import time
 from dataclasses import replace
@@ -27,6 +28,7 @@ from pathlib import Path
 import torch
 
 from memento.demo import DEMO_KNOBS, DemoConfig, _prepare_data
+from memento.engine import EngineConfig, LLMEngine, SamplingParams
 from memento.eval.metrics import paired_difference_interval, wilson_interval
 from memento.eval.run import GREEDY, EvalSettings, Mode, evaluate_model, load_model
 from memento.eval.tasks import synthetic_task_set
@@ -41,11 +43,12 @@ TASK = "stream_sum"
 
 
 def build_sft_checkpoint(work: Path, args: argparse.Namespace, log=print) -> Path:
-    """Stage 1 as the demo trains it, then ``sft_steps`` of memento stage 2 (cached)."""
-    best = work / "sft" / "stage2" / "best"
-    if (best / "config.json").exists():
-        log(f"SFT checkpoint: reusing {best}")
-        return best
+    """Stage 1 as the demo trains it, then memento stage 2 on a ``sft_schedule``-step cosine at
+    ``sft_lr``, stopped at ``sft_steps`` (that checkpoint, cached in WORK/sft-checkpoint)."""
+    chosen = work / "sft-checkpoint"
+    if (chosen / "config.json").exists():
+        log(f"SFT checkpoint: reusing {chosen}")
+        return chosen
     config = DemoConfig(seed=args.seed)
     files = _prepare_data(config, work / "data", log)
     stage1 = work / "sft" / "stage1" / "best"
@@ -72,7 +75,7 @@ def build_sft_checkpoint(work: Path, args: argparse.Namespace, log=print) -> Pat
             ),
             log=log,
         )["stage1"]
-    return run_training(
+    stage2 = run_training(
         TrainPlan(
             train_file=files["train"],
             eval_file=files["validation"],
@@ -81,16 +84,25 @@ def build_sft_checkpoint(work: Path, args: argparse.Namespace, log=print) -> Pat
             model_path=stage1,
             stage2=SFTSettings(
                 learning_rate=args.sft_lr,
-                max_steps=args.sft_steps,
+                max_steps=args.sft_schedule,
                 batch_size=4,
-                eval_steps=max(1, args.sft_steps // 2),
+                eval_steps=25,
                 logging_steps=25,
                 eval_batch_size=32,
                 seed=args.seed,
+                save_total_limit=20,
             ),
         ),
         log=log,
     )["stage2"]
+    checkpoint = stage2.parent / f"checkpoint-{args.sft_steps}"
+    chosen.mkdir(parents=True)
+    for name in ("config.json", "generation_config.json", "model.safetensors"):
+        shutil.copy(checkpoint / name, chosen / name)
+    for path in stage2.iterdir():  # the tokenizer: Trainer checkpoints do not hold it
+        if "token" in path.name or path.name.startswith("chat_template"):
+            shutil.copy(path, chosen / path.name)
+    return chosen
 
 
 def greedy_eval(model_dir: Path, args: argparse.Namespace) -> dict:
@@ -104,22 +116,32 @@ def greedy_eval(model_dir: Path, args: argparse.Namespace) -> dict:
 
 
 def rollout_throughput(model_dir: Path, prompts: list[str], args: argparse.Namespace) -> dict[str, dict]:
-    """The same rollouts (same prompts, seeds, temperature 1) in memento and vanilla mode, one KV budget."""
+    """Rollouts as RL samples them (temperature 1, G per prompt) with eviction, then the very same
+    tokens again in both modes (teacher-forced, one decode step per token as in sampling): memento
+    (blocks evicted) and vanilla (nothing evicted), at one KV budget. Forcing the same tokens keeps
+    the comparison exact: a memento model left unevicted writes other (shorter, broken) traces."""
     model, tokenizer = load_model(str(model_dir))
-    out = {}
+    settings = RolloutSettings(max_tokens=args.max_tokens, kv_budget_tokens=args.kv_budget, max_num_seqs=64, seed=7)
+    rollouts = EngineRollouts(tokenizer, settings)
+    start = time.perf_counter()
+    sampled = rollouts.generate(model, prompts)
+    out = {"sampled": {"seconds": time.perf_counter() - start, "tokens": sum(map(len, sampled["completion_ids"]))}}
     for name, mask in (("memento", CHAT_MEMENTO), ("vanilla", MaskConfig.chat(keep_last_n=-1))):
-        settings = RolloutSettings(
-            max_tokens=args.max_tokens, mask=mask, kv_budget_tokens=args.kv_budget, max_num_seqs=64, seed=7
-        )
+        engine = LLMEngine(model, tokenizer, EngineConfig(kv_budget_tokens=args.kv_budget, max_num_seqs=64, mask=mask))
+        for prompt_ids, completion in zip(sampled["prompt_ids"], sampled["completion_ids"], strict=True):
+            params = SamplingParams(temperature=0, max_tokens=len(completion))
+            engine.add_request(prompt_ids, params, forced_tokens=completion)
         start = time.perf_counter()
-        result = EngineRollouts(tokenizer, settings).generate(model, prompts)
+        done = engine.run_to_completion()
         seconds = time.perf_counter() - start
-        tokens = sum(len(c) for c in result["completion_ids"])
+        tokens = sum(len(o.token_ids) for r in done for o in r.outputs)
         out[name] = {
             "seconds": seconds,
             "tokens": tokens,
             "tokens_per_second": tokens / seconds,
-            "mean_peak_kv": statistics.mean(result["peak_kv"]),
+            "mean_peak_kv": statistics.mean(o.kv.peak for r in done for o in r.outputs),
+            "preemptions": engine.stats.preemptions,
+            "pool_peak": engine.stats.peak_kv,
         }
     return out
 
@@ -128,8 +150,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", type=Path, default=Path("runs/rl_gain"))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--sft-steps", type=int, default=100)
-    parser.add_argument("--sft-lr", type=float, default=1e-3)
+    parser.add_argument("--sft-schedule", type=int, default=200, help="Stage 2's cosine length (steps).")
+    parser.add_argument("--sft-steps", type=int, default=150, help="Where stage 2 is stopped (a multiple of 25).")
+    parser.add_argument("--sft-lr", type=float, default=3e-3)
     parser.add_argument("--test", type=int, default=100)
     parser.add_argument("--max-tokens", type=int, default=1200)
     parser.add_argument("--rl-steps", type=int, default=30)
