@@ -300,3 +300,14 @@ def test_the_policy_climbs_its_reward(checkpoint, tmp_path):
     assert len(rewards) == 30
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
     assert first < 0.05 and last > 0.5, rewards
+
+
+def test_a_rollout_stopped_at_a_format_error_keeps_every_token_in_the_loss(model, tokenizer):
+    """The policy sampled each token of it, the defect included; its reward (no answer) is what
+    teaches the format, so only cap-forced tokens are left out."""
+    out = EngineRollouts(tokenizer, RolloutSettings(max_tokens=24, max_block_tokens=4)).generate(model, ["q"] * 16)
+    broken = [i for i, reason in enumerate(out["finish_reason"]) if reason == "format_error"]
+    assert broken, "no rollout broke the format: the case is too easy"
+    for i in broken:
+        keep, tokens = out["env_mask"][i], out["completion_ids"][i]
+        assert len(keep) == len(tokens) and sum(keep) == len(tokens) - out["cap_forced"][i]

@@ -59,7 +59,7 @@ def rl_command(
     ] = 0.2,
     temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="Rollout temperature.")] = 1.0,
     max_tokens: MaxTokensOpt = 512,
-    max_block_tokens: MaxBlockTokensOpt = None,
+    max_block_tokens: MaxBlockTokensOpt = 7168,
     max_num_seqs: MaxNumSeqsOpt = 64,
     save_steps: Annotated[int, typer.Option("--save-steps", min=1, help="Checkpoint every N steps.")] = 25,
     seed: Annotated[int, typer.Option("--seed")] = 0,

@@ -79,7 +79,7 @@ class RLSettings:
     epsilon_high: float = 0.2  # with clip="trl": TRL's absolute cap (ScaleRL recommends 5.0)
     temperature: float = 1.0
     max_tokens: int = 512
-    max_block_tokens: int | None = None
+    max_block_tokens: int | None = 7168  # the paper's 7K block cap; None: off
     mask: MaskConfig = CHAT_MEMENTO
     kv_budget_tokens: int | None = None
     max_num_seqs: int = 64
