@@ -49,7 +49,8 @@ from memento.masking import CHAT_MEMENTO, MaskConfig, check_block_cap
 from memento.train.cispo import cispo_loss
 from memento.train.rollouts import CorrectnessReward, EngineRollouts, RolloutSettings
 from memento.train.scoring import completion_logprobs
-from memento.train.sft import LOG_FILE, JsonlLogCallback, QuietTiedKeys
+from memento.train.sft import LOG_FILE, QuietTiedKeys, jsonl_log_callback
+from memento.train.sft import read_log as read_rl_log
 
 FINAL_DIR = "final"
 CURVES_FILE = "curves.png"
@@ -262,15 +263,6 @@ def _quiet_deprecations() -> Iterator[None]:
         yield
 
 
-def _jsonl_callback(path: Path):
-    from transformers import TrainerCallback
-
-    class _Logger(JsonlLogCallback, TrainerCallback):
-        pass
-
-    return _Logger(path, stage=3)
-
-
 def grpo_config(out_dir: Path, settings: RLSettings, num_processes: int):
     """TRL's GRPOConfig from our settings."""
     from trl import GRPOConfig
@@ -375,7 +367,7 @@ def train_rl(
         train_dataset=prompt_dataset(problems),
         processing_class=tokenizer,
         rollout_func=EngineRollouts(tokenizer, settings.rollout_settings()),
-        callbacks=[_jsonl_callback(out_dir / LOG_FILE)],
+        callbacks=[jsonl_log_callback(out_dir / LOG_FILE, stage=3)],
         rl_settings=settings,
     )
     last = get_last_checkpoint(str(out_dir)) if resume and any(out_dir.glob("checkpoint-*")) else None
@@ -403,13 +395,6 @@ def train_rl(
         if log:
             plot_curves(log, out_dir / CURVES_FILE)
     return final
-
-
-def read_rl_log(out_dir: str | Path) -> list[dict[str, Any]]:
-    path = Path(out_dir) / LOG_FILE
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 CURVES = (

@@ -123,7 +123,8 @@ class JsonlLogCallback:
         return control
 
 
-def _callback(path: Path, stage: int):
+def jsonl_log_callback(path: Path, stage: int):
+    """A TrainerCallback writing every log to ``path`` (stage 3: RL)."""
     from transformers import TrainerCallback
 
     class _Logger(JsonlLogCallback, TrainerCallback):
@@ -232,7 +233,7 @@ def train_stage(
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         data_collator=collator,
-        callbacks=[_callback(stage_dir / LOG_FILE, stage)],
+        callbacks=[jsonl_log_callback(stage_dir / LOG_FILE, stage)],
     )
     last = get_last_checkpoint(str(stage_dir)) if any(stage_dir.glob("checkpoint-*")) else None
     result = trainer.train(resume_from_checkpoint=last)
