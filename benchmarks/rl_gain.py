@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from memento.demo import DemoConfig, _prepare_data
+from memento.demo import DemoConfig, _prepare_data, train_stage1
 from memento.engine import EngineConfig, LLMEngine, SamplingParams
 from memento.eval.metrics import paired_difference_interval, wilson_interval
 from memento.eval.run import GREEDY, EvalSettings, Mode, evaluate_model, load_model
@@ -53,28 +53,7 @@ def build_sft_checkpoint(work: Path, args: argparse.Namespace, log=print) -> Pat
     files = _prepare_data(config, work / "data", log)
     stage1 = work / "sft" / "stage1" / "best"
     if not (stage1 / "config.json").exists():
-        stage1 = run_training(
-            TrainPlan(
-                train_file=files["stage1-train"],
-                eval_file=files["stage1-validation"],
-                output_dir=work / "sft",
-                stage="1",
-                tiny_arch="qwen3",
-                tiny_options={"hidden_size": 128, "num_hidden_layers": 4, "intermediate_size": 256, "seed": args.seed},
-                stage1=SFTSettings(
-                    learning_rate=config.learning_rate,
-                    max_steps=config.stage1_steps,
-                    batch_size=config.stage1_batch_size,
-                    eval_steps=config.eval_every,
-                    logging_steps=50,
-                    eval_batch_size=32,
-                    seed=args.seed,
-                    lr_scheduler="cosine_with_min_lr",
-                    extra={"lr_scheduler_kwargs": {"min_lr_rate": config.stage1_final_lr_fraction}},
-                ),
-            ),
-            log=log,
-        )["stage1"]
+        stage1 = train_stage1(config, files, work / "sft", log)
     stage2 = run_training(
         TrainPlan(
             train_file=files["train"],

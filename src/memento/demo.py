@@ -31,10 +31,13 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from memento.records_io import pin_settings
 from memento.synth import DEFAULT_TASK
+
+if TYPE_CHECKING:
+    from memento.train.sft import SFTSettings
 
 DEMO_KNOBS: dict[str, int] = {"min_steps": 36, "max_steps": 44, "steps_per_block": 7}
 """Longer stream_sum traces than the task's defaults (~940 chat tokens): ~6 blocks of 7 steps, each
@@ -177,11 +180,65 @@ def _check_config(config: DemoConfig, out: Path) -> None:
         )
 
 
+def _sft_settings(
+    config: DemoConfig, steps: int, learning_rate: float, batch_size: int, final_lr_fraction: float = 0.0
+) -> SFTSettings:
+    """One SFT stage of the demo: cosine (to ``final_lr_fraction`` of the peak if given)."""
+    from memento.train.sft import SFTSettings  # lazily: training imports torch
+
+    schedule: dict[str, Any] = {"lr_scheduler": "cosine"}
+    if final_lr_fraction > 0:
+        schedule = {
+            "lr_scheduler": "cosine_with_min_lr",
+            "extra": {"lr_scheduler_kwargs": {"min_lr_rate": final_lr_fraction}},
+        }
+    return SFTSettings(
+        learning_rate=learning_rate,
+        max_steps=steps,
+        batch_size=batch_size,
+        eval_steps=config.eval_every,
+        logging_steps=10,
+        eval_batch_size=32,
+        seed=config.seed,
+        **schedule,
+    )
+
+
+def train_stage1(config: DemoConfig, files: dict[str, Path], output_dir: Path, log: Callable[[str], None]) -> Path:
+    """Stage 1, shared by both models: a tiny model from scratch, full attention on the short
+    problems; returns its best checkpoint (``output_dir/stage1/best``)."""
+    from memento.train.pipeline import TrainPlan, run_training
+
+    log(f"stage 1: {config.stage1_steps} steps with full attention on the short problems")
+    return run_training(
+        TrainPlan(
+            train_file=files["stage1-train"],
+            eval_file=files["stage1-validation"],
+            output_dir=output_dir,
+            stage="1",
+            tiny_arch="qwen3",
+            tiny_options={
+                "hidden_size": config.hidden_size,
+                "num_hidden_layers": config.num_layers,
+                "intermediate_size": config.intermediate_size,
+                "seed": config.seed,
+            },
+            stage1=_sft_settings(
+                config,
+                config.stage1_steps,
+                config.learning_rate,
+                config.stage1_batch_size,
+                config.stage1_final_lr_fraction,
+            ),
+        ),
+        log=log,
+    )["stage1"]
+
+
 def train_models(config: DemoConfig, out: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Stage 1 on the short problems, then the memento and control branches on the long traces;
     copies both models into ``out``."""
     from memento.train.pipeline import TrainPlan, run_training
-    from memento.train.sft import SFTSettings
 
     models = {"control": out / "control-model", "memento": out / "memento-model"}
     done_marker = out / "training" / "done.json"
@@ -191,46 +248,9 @@ def train_models(config: DemoConfig, out: Path, log: Callable[[str], None] = pri
         return {"models": models, "training_seconds": seconds, "reused": True}
     files = _prepare_data(config, out / "data", log)
 
-    def settings(steps: int, learning_rate: float, batch_size: int, final_lr_fraction: float = 0.0) -> SFTSettings:
-        schedule: dict[str, Any] = {"lr_scheduler": "cosine"}
-        if final_lr_fraction > 0:
-            schedule = {
-                "lr_scheduler": "cosine_with_min_lr",
-                "extra": {"lr_scheduler_kwargs": {"min_lr_rate": final_lr_fraction}},
-            }
-        return SFTSettings(
-            learning_rate=learning_rate,
-            max_steps=steps,
-            batch_size=batch_size,
-            eval_steps=config.eval_every,
-            logging_steps=10,
-            eval_batch_size=32,
-            seed=config.seed,
-            **schedule,
-        )
-
     long_traces = {"train_file": files["train"], "eval_file": files["validation"], "response_field": "response"}
     start = time.perf_counter()
-    log(f"stage 1: {config.stage1_steps} steps with full attention on the short problems")
-    stage1 = run_training(
-        TrainPlan(
-            train_file=files["stage1-train"],
-            eval_file=files["stage1-validation"],
-            output_dir=out / "training",
-            stage="1",
-            tiny_arch="qwen3",
-            tiny_options={
-                "hidden_size": config.hidden_size,
-                "num_hidden_layers": config.num_layers,
-                "intermediate_size": config.intermediate_size,
-                "seed": config.seed,
-            },
-            stage1=settings(
-                config.stage1_steps, config.learning_rate, config.stage1_batch_size, config.stage1_final_lr_fraction
-            ),
-        ),
-        log=log,
-    )["stage1"]
+    stage1 = train_stage1(config, files, out / "training", log)
     # Both branches start from stage 1's best model and train as many steps on the same long traces,
     # each at the learning rate its own validation loss chose: they differ only in the mask.
     log(f"memento: {config.branch_steps} steps under the memento mask on the long traces (stage 2)")
@@ -240,7 +260,7 @@ def train_models(config: DemoConfig, out: Path, log: Callable[[str], None] = pri
             output_dir=out / "training",
             stage="2",
             model_path=stage1,
-            stage2=settings(config.branch_steps, config.memento_learning_rate, config.batch_size),
+            stage2=_sft_settings(config, config.branch_steps, config.memento_learning_rate, config.batch_size),
         ),
         log=log,
     )["stage2"]
@@ -251,7 +271,7 @@ def train_models(config: DemoConfig, out: Path, log: Callable[[str], None] = pri
             output_dir=out / "training" / "control",
             stage="1",
             model_path=stage1,
-            stage1=settings(config.branch_steps, config.control_learning_rate, config.batch_size),
+            stage1=_sft_settings(config, config.branch_steps, config.control_learning_rate, config.batch_size),
         ),
         log=log,
     )["stage1"]
