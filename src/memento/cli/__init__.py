@@ -9,6 +9,7 @@
 - :mod:`~memento.cli.evaluate`: ``memento eval`` and ``memento demo``;
 - :mod:`~memento.cli.serve`: ``memento serve``, the OpenAI API (embedded engine or vLLM);
 - :mod:`~memento.cli.data`: ``memento data build`` and ``memento data stats``;
+- :mod:`~memento.cli.probe`: ``memento probe restart|kv|toy``, the dual information stream;
 - :mod:`~memento.cli.common`: what they share (error exit, record and tokenizer loading, progress
   bars, the options several commands take).
 
@@ -58,6 +59,9 @@ COMMANDS: dict[str, CommandEntry] = {
         "serve", "Serve a model over the OpenAI API (completions, chat, streaming) with in-place KV eviction."
     ),
     "data": CommandEntry("data", "The OpenMementos data pipeline: plain reasoning traces -> memento traces."),
+    "probe": CommandEntry(
+        "probe", "The dual information stream: restart ablation, KV passcode probe, toy transformer."
+    ),
 }
 """Every command in the order ``memento --help`` lists them."""
 
