@@ -27,7 +27,7 @@ from memento.analysis.passcode import (
     passcode_report_lines,
     run_passcode_study,
 )
-from memento.analysis.probe import CHANCE, ProbeSettings, digit_labels, split_codes, train_probe
+from memento.analysis.probe import CHANCE, ProbeSettings, digit_labels, family_contains, split_codes, train_probe
 from memento.analysis.report import read_sections, update_report
 from memento.chat import assistant_prefix_ids, chat_prompt
 from memento.cli import app
@@ -128,6 +128,15 @@ def test_probe_finds_a_planted_signal_and_not_noise():
     assert found.above_chance and found.accuracy > 0.5
 
 
+def test_family_contains_widens_for_several_probes():
+    # 9.5% [9.1, 9.9]: misses 10% as one probe, holds it as one of four (z 2.50 instead of 1.96)
+    one = {"accuracy": 0.095, "low": 0.091, "high": 0.099}
+    assert not family_contains([one]) and family_contains([one] * 4)
+    assert not family_contains([{"accuracy": 0.13, "low": 0.12, "high": 0.14}] * 4)  # a real leak stays one
+    with pytest.raises(ValueError):
+        family_contains([])
+
+
 def test_split_codes_is_by_code_and_unbiased():
     codes = [f"{v:05d}" for v in range(20_000)]
     validation = split_codes(codes, 0.2)
@@ -150,12 +159,20 @@ def test_quick_passcode_study_controls_sit_at_chance(setup, tmp_path):
         causal = conditions["causal"][layer]
         assert causal["low"] <= CHANCE <= causal["high"], "the causal control must sit at chance"
     assert conditions["restart+1"]["1"]["low"] <= CHANCE
+    sensitivity = results["sensitivity"]
+    assert all(v == 0.0 for v in sensitivity["in_place"][0]), "layer 0: the memento's own tokens only"
+    assert sensitivity["in_place"][1][0] == 0.0 and sensitivity["in_place"][1][1] > 0.01  # causal 0, direct moves
+    assert sensitivity["in_place"][1][2] == 0.0, "two layers: memento 3 needs a second hop"
+    assert all(v == 0.0 for row in sensitivity["restart"] for v in row)
     saved = json.loads((tmp_path / "passcode.json").read_text())
     assert saved["samples"] == settings.samples and saved["validation_samples"] < settings.samples
     assert (tmp_path / "passcode_layers.png").stat().st_size > 1000
     assert (tmp_path / "passcode_distance.png").stat().st_size > 1000
     text = "\n".join(passcode_report_lines(results))
-    assert "26.7%" in text and "Causal control at chance: yes" in text
+    assert (
+        "26.7%" in text
+        and "Causal control at chance at every layer (family-wise 95% over the 2 layers, Bonferroni): yes" in text
+    )
 
 
 def test_build_samples_refuses_problems_too_short(setup):
@@ -214,3 +231,14 @@ def test_cli_probe_bad_options_are_clear_errors(model_dir, args, message):
     args = [str(model_dir) if a == "MODEL" else a for a in args]
     result = CliRunner().invoke(app, ["probe", *args])
     assert result.exit_code == 2 and message in result.output
+
+
+def test_cli_probe_toy_quick_adds_its_section(tmp_path):
+    out = tmp_path / "probe"
+    out.mkdir()
+    update_report(out / "report.md", "restart", ["## restart", "kept"])
+    result = CliRunner().invoke(app, ["probe", "toy", "--quick", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    sections = read_sections((out / "report.md").read_text())
+    assert sections["restart"] == "## restart\nkept\n" and "## Toy transformer" in sections["toy"]
+    assert json.loads((out / "toy.json").read_text())["settings"]["blocks"] == 6

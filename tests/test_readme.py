@@ -68,6 +68,7 @@ PLAN: list[tuple[str, str]] = [
     (r"^memento rl ", SLOW),
     (r"^memento generate ", SLOW),
     (r"^memento eval ", SLOW),
+    (r"^memento probe ", SLOW),
     (r"^memento demo \[", "covered: a synopsis; tests/test_demo.py runs memento demo --quick"),
     (r"^memento serve runs/demo/memento-model --port 8000", "covered: test_readme_serve_and_curl (slow)"),
     (r"^curl ", "covered: test_readme_serve_and_curl (slow) runs it against the served model"),
@@ -80,6 +81,9 @@ BOUNDS: dict[str, str] = {
     "memento eval": "--problems 3 --max-tokens 48 --no-progress",
     "memento generate": "--max-tokens 24",
     "memento rl": "--steps 1 -G 2 --prompts-per-step 2 --batch-size 4 --max-tokens 24 -n 4 --no-progress",
+    "memento probe restart": "--quick --max-tokens 24 --no-progress",
+    "memento probe kv": "--quick",
+    "memento probe toy": "--quick",
 }
 """Appended to commands that would otherwise train for an hour or decode thousands of tokens."""
 

@@ -30,7 +30,15 @@ from typing import Any
 import numpy as np
 
 from memento.analysis.kv import kv_features
-from memento.analysis.probe import CHANCE, ProbeResult, ProbeSettings, digit_labels, split_codes, train_probe
+from memento.analysis.probe import (
+    CHANCE,
+    ProbeResult,
+    ProbeSettings,
+    digit_labels,
+    family_contains,
+    split_codes,
+    train_probe,
+)
 from memento.chat import assistant_prefix_ids, chat_prompt
 from memento.format import MementoUnit, SpecialTokenIds, render_response
 from memento.masking import MaskConfig
@@ -133,6 +141,55 @@ def build_samples(tokenizer: Any, specials: SpecialTokenIds, settings: PasscodeS
     return PasscodeSamples(sequences, codes, positions, width)
 
 
+def code_sensitivity(
+    model: Any, tokenizer: Any, settings: PasscodeSettings, config: MaskConfig, problems: int = 40
+) -> list[list[float]]:
+    """[layer][memento] how much the KV moves when only the code changes, relative to how much it moves
+    between problems: the same problem twice with two codes, ``|KV(a) - KV(b)|`` over the mean distance
+    between consecutive problems' KV. Exact, no probe: 0 where the code cannot reach (layer 0, memento 1,
+    restart), and a measure of the signal a probe has to find where it can."""
+    specials = SpecialTokenIds.from_tokenizer(tokenizer)
+    rng = random.Random(settings.seed + 1)
+    need = CODE_BLOCK + 1 + settings.max_distance
+    pool = [p for p in generate(settings.task, "train", 4 * problems, seed=settings.seed + 1, **settings.knobs)]
+    pool = [p for p in pool if len(p.trace.units) >= need][:problems]
+    if len(pool) < 2:
+        raise ValueError(f"need at least 2 {settings.task} problems with {need} blocks for the sensitivity")
+    sequences, positions, width = [], [], None
+    for problem in pool:
+        prompt = chat_prompt(tokenizer, problem.prompt)
+        start = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        for _ in range(2):
+            code = "".join(rng.choice("0123456789") for _ in range(settings.digits))
+            ids = tokenizer(
+                prompt + inject_code(problem, code, settings.template, settings.at), add_special_tokens=False
+            )
+            spans = memento_spans(ids["input_ids"], specials, start)[:need]
+            width = min([width or 10**9, *(end - begin for begin, end in spans)])
+            sequences.append(ids["input_ids"])
+            positions.append([begin for begin, _ in spans])
+    assert width is not None
+    positions = [[b + k for b in begins for k in range(width)] for begins in positions]
+    features = kv_features(
+        model,
+        sequences,
+        positions,
+        specials,
+        config,
+        assistant_prefix=assistant_prefix_ids(tokenizer),
+        pad_token_id=tokenizer.pad_token_id or 0,
+        batch_size=settings.batch_size,
+    )
+    out = []
+    for layer in sorted(features):
+        x = features[layer].reshape(len(sequences), need, -1)
+        first, second = x[0::2], x[1::2]
+        code_change = np.linalg.norm(first - second, axis=-1).mean(axis=0)
+        problem_change = np.linalg.norm(first[1:] - first[:-1], axis=-1).mean(axis=0)
+        out.append([float(v) for v in code_change / np.maximum(problem_change, 1e-12)])
+    return out
+
+
 def _conditions(settings: PasscodeSettings) -> dict[str, int]:
     """Each condition's memento index (0-based): causal M1, direct M2, masked M(2+d)."""
     names = {"causal": CODE_BLOCK - 1, "direct": CODE_BLOCK}
@@ -216,8 +273,13 @@ def run_passcode_study(
     results["restart+1"] = {str(n_layers - 1): fit(restart[CODE_BLOCK + 1][n_layers - 1]).to_dict()}
     last = results["restart+1"][str(n_layers - 1)]
     log(f"  restart+1 (memento {CODE_BLOCK + 2}, recomputed): last layer {last['accuracy']:.1%}")
+    sensitivity = {
+        "in_place": code_sensitivity(model, tokenizer, settings, IN_PLACE),
+        "restart": code_sensitivity(model, tokenizer, settings, RESTART),
+    }
     summary = {
         "settings": {**asdict(settings), "probe": asdict(settings.probe)},
+        "sensitivity": sensitivity,
         "samples": len(samples.sequences),
         "validation_samples": int(validation.sum()),
         "memento_width": samples.width,
@@ -345,6 +407,20 @@ def passcode_report_lines(results: dict[str, Any]) -> list[str]:
     for name in ["causal", "direct", *masked, "restart+1"]:
         if last in conditions.get(name, {}):
             lines.append(f"| {name} | {_cell(conditions[name][last])} |")
+    sensitivity = results.get("sensitivity")
+    if sensitivity:
+        n_mementos = len(sensitivity["in_place"][0])
+        lines += [
+            "",
+            "How far the code reaches, exactly (no probe): the change in a memento's KV when only the code changes, "
+            "relative to the change between two problems (in-place eviction; under restart every entry is "
+            f"{max(v for row in sensitivity['restart'] for v in row):.0e}):",
+            "",
+            "| layer | " + " | ".join(f"memento {m + 1}" for m in range(n_mementos)) + " |",
+            "|---|" + "---|" * n_mementos,
+        ]
+        for layer, row in enumerate(sensitivity["in_place"]):
+            lines.append(f"| {layer + 1} | " + " | ".join(f"{v:.4f}" for v in row) + " |")
     lines += ["", f"Paper: {PAPER_PASSCODE}.", "", *passcode_findings(results), ""]
     lines += ["![by layer](passcode_layers.png) ![by distance](passcode_distance.png)"]
     return lines
@@ -358,9 +434,11 @@ def passcode_findings(results: dict[str, Any]) -> list[str]:
     direct = conditions["direct"][last]
     masked = conditions["masked+1"][last]
     restart = conditions.get("restart+1", {}).get(last)
+    layers = [conditions["causal"][str(layer)] for layer in range(results["layers"])]
+    at_chance = family_contains(layers, chance)
     said = [
-        f"- Causal control at chance: {'yes' if causal['low'] <= chance <= causal['high'] else 'NO (a leak)'} "
-        f"({_cell(causal)}).",
+        f"- Causal control at chance at every layer (family-wise 95% over the {len(layers)} layers, Bonferroni): "
+        f"{'yes' if at_chance else 'NO (a leak)'} (last layer {_cell(causal)}).",
         f"- Direct above chance: {'yes' if direct['low'] > chance else 'no'} ({_cell(direct)}).",
         f"- Masked +1 at the last layer >= 2x chance: {'yes' if masked['accuracy'] >= 2 * chance else 'no'} "
         f"({_cell(masked)}); above the first layer: "

@@ -18,6 +18,7 @@ import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from statistics import NormalDist
 
 import numpy as np
 import torch
@@ -182,3 +183,21 @@ def train_probe(
         n_validation=len(val_x),
         epochs=epochs,
     )
+
+
+def family_contains(results: Sequence[dict[str, float]], value: float = CHANCE) -> bool:
+    """Whether every interval of a family of probes holds ``value`` at a family-wise 95% (Bonferroni).
+
+    A control probed at k layers is k tests: with k per-probe 95% intervals, one misses chance about
+    k times in 20 by luck alone, and the layers share one validation set, so they miss together.
+    Each interval is widened to z = Phi^-1(1 - 0.025 / k) from its own standard error (recovered from
+    its 95% bounds), so the family as a whole holds ``value`` 95% of the time when nothing leaks.
+    """
+    if not results:
+        raise ValueError("no probe results")
+    z = NormalDist().inv_cdf(1 - 0.025 / len(results))
+    for r in results:
+        se = (r["high"] - r["low"]) / (2 * Z95)
+        if abs(r["accuracy"] - value) > z * se:
+            return False
+    return True

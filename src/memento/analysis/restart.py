@@ -132,7 +132,9 @@ class RestartSettings:
     top_p: float = 0.95
     top_k: int = 20
     max_tokens: int = 1200
-    kv_budget_tokens: int | None = None
+    kv_budget_tokens: int = 16384
+    """The engine's KV pool (the demo evaluates with 12288): decode cost grows with the pool, so room
+    for every request at full length (64 x 1200) would make each step several times slower."""
     max_num_seqs: int = 64
     teacher_forced: int = 40
     """Gold traces teacher-forced in both modes for the per-block loss."""

@@ -20,7 +20,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from memento.cli.common import ModelArg, ProgressOpt, fail, parse_knobs, require_exists
+from memento.cli.common import KvBudgetOpt, ModelArg, ProgressOpt, fail, parse_knobs, require_exists
 
 app = typer.Typer()
 probe_app = typer.Typer(
@@ -78,6 +78,7 @@ def restart_command(
     temperature: Annotated[float, typer.Option("--temperature", min=0.0)] = 0.6,
     max_tokens: Annotated[int, typer.Option("--max-tokens", min=1)] = 1200,
     teacher_forced: Annotated[int, typer.Option("--teacher-forced", min=1, help="Gold traces for the loss.")] = 40,
+    kv_budget_tokens: KvBudgetOpt = 16384,
     quick: QuickOpt = False,
     progress: ProgressOpt = True,
 ) -> None:
@@ -87,7 +88,13 @@ def restart_command(
     if temperature == 0.0 and seeds > 1:
         fail("greedy decoding gives the same completions for every seed: use --temperature > 0 or --seeds 1")
     chosen, knobs = task_and_knobs(model, task, knob)
-    values = {"task": chosen, "knobs": knobs, "temperature": temperature, "max_tokens": max_tokens}
+    values = {
+        "task": chosen,
+        "knobs": knobs,
+        "temperature": temperature,
+        "max_tokens": max_tokens,
+        "kv_budget_tokens": kv_budget_tokens,
+    }
     if not quick:
         values |= {"problems": problems, "seeds": seeds, "teacher_forced": teacher_forced}
     settings = RestartSettings.quick(**values) if quick else RestartSettings(**values)
@@ -136,9 +143,11 @@ def toy_command(
     quick: QuickOpt = False,
 ) -> None:
     """Train the paper's toy transformer under the memento mask and probe its KV (layers, distance, checkpoints)."""
+    from dataclasses import replace
+
     from memento.analysis.toy import ToySettings, run_toy_study, toy_report_lines
 
-    settings = ToySettings.quick(seed=seed) if quick else ToySettings(seed=seed)
+    settings = replace(ToySettings.quick() if quick else ToySettings(), seed=seed)
     console = Console(stderr=True)
     results = run_toy_study(settings, out, log=console.print)
-    _finish(console, out, "toy", "toy.json", toy_report_lines(results), results["seconds"])
+    _finish(console, out, "toy", "toy.json", toy_report_lines(results), results["timings"]["total_s"])
