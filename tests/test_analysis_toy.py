@@ -170,9 +170,9 @@ def test_report_tells_a_leak_from_a_control_below_chance(study):
     low["layers"]["causal"][0].update(accuracy=0.09, low=0.085, high=0.095)
     low["trends"] = toy_trends(low)
     text = "\n".join(toy_report_lines(low))
-    assert "no, below chance (layer 0 9.0% [8.5, 9.5])" in text and "leaks" not in text
+    assert "no, below chance (layer 1 9.0% [8.5, 9.5])" in text and "leaks" not in text
     high = copy.deepcopy(results)
     high["layers"]["causal"][-1].update(accuracy=0.13, low=0.12, high=0.14)
     high["trends"] = toy_trends(high)
     assert not high["trends"]["causal_control_at_chance"] and high["trends"]["causal_control_above_chance"]
-    assert "NO, above chance (layer 1 13.0% [12.0, 14.0]): the experiment leaks." in "\n".join(toy_report_lines(high))
+    assert "NO, above chance (layer 2 13.0% [12.0, 14.0]): the experiment leaks." in "\n".join(toy_report_lines(high))

@@ -545,7 +545,7 @@ def probe_layers(prober: Prober, kv: dict[int, np.ndarray]) -> dict[str, list[di
     out: dict[str, list[dict[str, Any]]] = {}
     for condition, key in (("direct", "direct"), ("masked", "masked_1"), ("causal", "causal")):
         samples = prober.samples(condition, 1)
-        out[key] = [prober.kv(f"layer {layer} {key}", kv[layer], samples) for layer in sorted(kv)]
+        out[key] = [prober.kv(f"layer {layer + 1} {key}", kv[layer], samples) for layer in sorted(kv)]
     return out
 
 
@@ -741,12 +741,12 @@ def _save(fig: Any, ax: Any, path: Path) -> None:
 def _plot_layers(results: dict[str, Any], path: Path) -> None:
     fig, ax = _figure("Probe accuracy by layer", "layer", "digit accuracy")
     layers = results["layers"]
-    x = np.arange(len(layers["direct"]))
+    x = np.arange(1, len(layers["direct"]) + 1)  # layers counted from 1, as the paper does
     for key, label in (("direct", "direct (memento j)"), ("masked_1", "masked +1"), ("causal", "causal control")):
         _errorbar(ax, x, layers[key], label=f"{OURS_LABEL}: {label}")
     paper = results["paper"]
     paper_y = [paper["masked_1_first_layer"], paper["masked_1_last_layer"]]
-    ax.scatter([0, x[-1]], paper_y, marker="x", color="black", label=f"{PAPER_LABEL}: masked +1")
+    ax.scatter([x[0], x[-1]], paper_y, marker="x", color="black", label=f"{PAPER_LABEL}: masked +1")
     ax.axhline(results["chance"], color="grey", linestyle="--", label="chance")
     ax.set_xticks(x)
     _save(fig, ax, path)
@@ -809,7 +809,7 @@ def _layer_table(results: dict[str, Any]) -> list[str]:
     for i in range(n):
         paper_cell = f"{100 * paper_at[i]:.1f}%" if i in paper_at else ""
         cells = " | ".join(_pct(layers[k][i]) for k in ("direct", "masked_1", "causal"))
-        lines.append(f"| {i} | {cells} | {paper_cell} |")
+        lines.append(f"| {i + 1} | {cells} | {paper_cell} |")  # layers counted from 1, as the paper does
     return lines
 
 
@@ -855,9 +855,9 @@ def _causal_line(results: dict[str, Any]) -> str:
     if t["causal_control_at_chance"]:
         return head + "yes."
     if t["causal_control_above_chance"]:
-        above = ", ".join(f"layer {i} {_pct(r)}" for i, r in enumerate(causal) if r["low"] > CHANCE)
+        above = ", ".join(f"layer {i} {_pct(r)}" for i, r in enumerate(causal, 1) if r["low"] > CHANCE)
         return head + f"NO, above chance ({above}): the experiment leaks."
-    below = ", ".join(f"layer {i} {_pct(r)}" for i, r in enumerate(causal) if r["high"] < CHANCE)
+    below = ", ".join(f"layer {i} {_pct(r)}" for i, r in enumerate(causal, 1) if r["high"] < CHANCE)
     return head + (
         f"no, below chance ({below}). A leak adds information and pushes accuracy up, not down; the layers "
         "share one validation set, so one unlucky draw moves them together."
