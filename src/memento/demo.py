@@ -565,18 +565,20 @@ def _notes(results: dict[str, Any], targets: list[tuple[str, bool, str]]) -> lis
     if restart and memento:
         diff = 100 * (restart["accuracy"]["pass@1"] - memento["accuracy"]["pass@1"])
         reading = (
-            "the mementos' KV, computed while their blocks were visible, carries information their text alone "
-            "does not (the paper: -15 pp on AIME'24)"
+            "the same model loses accuracy when each memento's KV is recomputed without its block (the paper: "
+            "-15 pp on AIME'24); free-running, broken format and loops take part of that, so `memento probe "
+            "restart` separates them (accuracy among well-formed completions, teacher-forced loss per block)"
             if diff < 0
             else "no loss from recomputing the mementos without their blocks on this task"
         )
         broken = restart["finish_reasons"].get("format_error", 0)
+        looped = restart["finish_reasons"].get("length", 0)
         _, low, high = paired_difference_interval(restart["problem_accuracy"], memento["problem_accuracy"])
         lines.append(
             f"- restart ablation: pass@1 {100 * restart['accuracy']['pass@1']:.1f}% vs memento "
             f"{100 * memento['accuracy']['pass@1']:.1f}% ({diff:+.1f} pp, 95% interval [{100 * low:+.1f}, "
-            f"{100 * high:+.1f}] paired over problems; {broken} of {len(restart['rows'])} "
-            f"restart samples broke the memento format): {reading}."
+            f"{100 * high:+.1f}] paired over problems; of {len(restart['rows'])} restart samples {broken} broke "
+            f"the memento format and {looped} ran to the length limit): {reading}."
         )
     losses = results.get("validation_loss", {})
     if losses:
