@@ -20,6 +20,7 @@ codes were injected into real traces.
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -151,7 +152,7 @@ def code_sensitivity(
     specials = SpecialTokenIds.from_tokenizer(tokenizer)
     rng = random.Random(settings.seed + 1)
     need = CODE_BLOCK + 1 + settings.max_distance
-    pool = [p for p in generate(settings.task, "train", 4 * problems, seed=settings.seed + 1, **settings.knobs)]
+    pool = generate(settings.task, "train", 4 * problems, seed=settings.seed + 1, **settings.knobs)
     pool = [p for p in pool if len(p.trace.units) >= need][:problems]
     if len(pool) < 2:
         raise ValueError(f"need at least 2 {settings.task} problems with {need} blocks for the sensitivity")
@@ -294,8 +295,6 @@ def run_passcode_study(
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
-    import json
-
     path.write_text(json.dumps(payload, indent=1) + "\n")
 
 

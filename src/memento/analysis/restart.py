@@ -12,16 +12,25 @@ after memento k under restart is information the KV carried and the text did not
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from memento.chat import assistant_prefix_ids, chat_prompt
+from memento.engine import SamplingParams
+from memento.eval.metrics import paired_difference_interval, wilson_interval
+from memento.eval.run import EvalSettings, Mode, evaluate_model
+from memento.eval.tasks import synthetic_task_set
 from memento.format import SpecialTokenIds
 from memento.masking import MaskConfig
 from memento.reference import teacher_forced_logits
+from memento.synth.tasks import generate
 
 IN_PLACE = MaskConfig.chat(keep_last_n=0)
 RESTART = MaskConfig.chat(keep_last_n=0, restart=True)
@@ -152,8 +161,6 @@ def well_formed(row: dict[str, Any]) -> bool:
 
 
 def _mode_summary(run: dict[str, Any]) -> dict[str, Any]:
-    from memento.eval.metrics import wilson_interval
-
     rows = run["rows"]
     formed = [r for r in rows if well_formed(r)]
     correct_formed = sum(r["correct"] for r in formed)
@@ -163,6 +170,7 @@ def _mode_summary(run: dict[str, Any]) -> dict[str, Any]:
         "samples": len(rows),
         "well_formed": len(formed),
         "finish_reasons": run["finish_reasons"],
+        "correct_well_formed": correct_formed,
         "accuracy_well_formed": correct_formed / len(formed) if formed else None,
         "ci95_well_formed": list(wilson_interval(correct_formed / len(formed), len(formed))) if formed else None,
     }
@@ -171,9 +179,6 @@ def _mode_summary(run: dict[str, Any]) -> dict[str, Any]:
 
 def teacher_forced_comparison(model: Any, tokenizer: Any, settings: RestartSettings) -> BlockLossComparison:
     """:func:`compare_restart` on ``settings.teacher_forced`` gold test traces of the task."""
-    from memento.chat import assistant_prefix_ids, chat_prompt
-    from memento.synth.tasks import generate
-
     problems = generate(settings.task, "test", settings.teacher_forced, seed=1, **settings.knobs)
     encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     prompts = [chat_prompt(tokenizer, p.prompt) for p in problems]
@@ -193,18 +198,15 @@ def teacher_forced_comparison(model: Any, tokenizer: Any, settings: RestartSetti
 
 
 def run_restart_study(
-    model: Any, tokenizer: Any, settings: RestartSettings, out: Any, log: Any = print, show_progress: bool = False
+    model: Any,
+    tokenizer: Any,
+    settings: RestartSettings,
+    out: Path,
+    log: Callable[[str], None] = print,
+    show_progress: bool = False,
 ) -> dict[str, Any]:
     """Generate in both modes for every seed, teacher-force the gold traces, write ``out/restart.json``
     and ``out/restart.png``; return the results."""
-    import time
-    from dataclasses import asdict, replace
-    from pathlib import Path
-
-    from memento.engine import SamplingParams
-    from memento.eval.metrics import paired_difference_interval
-    from memento.eval.run import EvalSettings, Mode, evaluate_model
-    from memento.eval.tasks import synthetic_task_set
 
     started = time.perf_counter()
     out = Path(out)
@@ -253,7 +255,7 @@ def run_restart_study(
                 "accuracy": float(np.mean(v)),
                 "well_formed": sum(s[mode]["well_formed"] for s in per_seed),
                 "samples": sum(s[mode]["samples"] for s in per_seed),
-                "correct_well_formed": _pooled_formed_correct(per_seed, mode),
+                "correct_well_formed": sum(s[mode]["correct_well_formed"] for s in per_seed),
             }
             for mode, v in pooled.items()
         },
@@ -261,7 +263,7 @@ def run_restart_study(
         "teacher_forced": {"rows": loss.rows(), "before_first_max_gap": loss.before_first_max_gap},
         "seconds": round(time.perf_counter() - started, 1),
     }
-    (out / "restart.json").write_text(__import__("json").dumps(results, indent=1) + "\n")
+    (out / "restart.json").write_text(json.dumps(results, indent=1) + "\n")
     plot_restart(results, out / "restart.png")
     return results
 
@@ -270,11 +272,7 @@ def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.1%}"
 
 
-def _pooled_formed_correct(per_seed: list[dict[str, Any]], mode: str) -> int:
-    return sum(round((s[mode]["accuracy_well_formed"] or 0.0) * s[mode]["well_formed"]) for s in per_seed)
-
-
-def plot_restart(results: dict[str, Any], path: Any) -> None:
+def plot_restart(results: dict[str, Any], path: Path) -> None:
     """Left: accuracy per seed, overall and among well-formed completions; right: teacher-forced NLL."""
     import matplotlib
 
