@@ -102,3 +102,30 @@ def running_tiny_server(**engine_options):
         yield running, app.state.memento.async_engine
     finally:
         running.stop()
+
+
+FAMILY_WINDOW = 8
+"""The sliding window of the tiny family models: far below the test sequences' length, so it binds."""
+
+FAMILY_ARCHS = {
+    "qwen3": {},
+    "phi3": {"sliding_window": FAMILY_WINDOW},  # Phi-3 style: every layer slides (one mask tensor)
+    "olmo3": {"sliding_window": FAMILY_WINDOW},  # Olmo 3: three sliding layers, then one full (a mask dict)
+}
+"""The paper's families as tiny random models (Phi-4 is ``Phi3ForCausalLM``); the sliding windows make
+the masks of the windowed layers differ from the full ones on every test sequence."""
+
+
+def family_model(tokenizer, arch: str, impl: str = "sdpa", seed: int = 0):
+    """A tiny random model of one family: 4 layers (Olmo 3's pattern needs 4), 32 wide, untied."""
+    return build_tiny_model(
+        tokenizer,
+        arch=arch,
+        hidden_size=32,
+        num_hidden_layers=4,
+        intermediate_size=64,
+        seed=seed,
+        attn_implementation=impl,
+        tie_word_embeddings=False,
+        **FAMILY_ARCHS[arch],
+    ).eval()

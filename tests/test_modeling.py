@@ -42,6 +42,8 @@ from memento.modeling import (
     check_attention_implementation,
     count_parameters,
     format_parameter_count,
+    layer_masks,
+    layer_windows,
     load_model_and_tokenizer,
     word_token_id,
 )
@@ -508,8 +510,23 @@ def test_check_attention_accepts_and_follows_set_attn_implementation() -> None:
     assert check_attention_implementation(model) == "eager"
 
 
-def test_check_attention_warns_about_sliding_window_layers() -> None:
+def test_layer_windows_reads_each_layer_type_and_refuses_unknown_ones() -> None:
     model = tiny_model("qwen3", 16, tie=True)
-    model.config.layer_types = ["sliding_attention"]
-    with pytest.warns(UserWarning, match="sliding-window"):
-        assert check_attention_implementation(model) == "sdpa"
+    assert layer_windows(model) == {"full_attention": None}
+    model.config.layer_types = ["sliding_attention", "full_attention"]
+    model.config.sliding_window = 5
+    assert layer_windows(model) == {"sliding_attention": 5, "full_attention": None}
+    model.config.layer_types = ["chunked_attention"]
+    with pytest.raises(ValueError, match="chunked_attention"):
+        layer_windows(model)
+
+
+def test_layer_masks_give_one_mask_per_window() -> None:
+    """A dict keyed by layer type only when windows differ; eager gets the additive form of each."""
+    mask = torch.tril(torch.ones(1, 1, 12, 12, dtype=torch.bool))
+    same = layer_masks(mask, {"full_attention": None}, "sdpa")
+    assert isinstance(same, torch.Tensor) and torch.equal(same, mask)
+    both = layer_masks(mask, {"sliding_attention": 3, "full_attention": None}, "eager")
+    assert set(both) == {"sliding_attention", "full_attention"}
+    assert (both["full_attention"] == 0).sum() == mask.sum()
+    assert (both["sliding_attention"] == 0).sum() == 1 + 2 + 3 * 10  # rows see min(row + 1, 3) keys

@@ -28,6 +28,11 @@ memento's own tokens, which were computed while the block was visible, stay. Kno
   this is the same rule over an expanded sequence in which copies of the memento tokens (same
   logical positions) are inserted just before ``<|summary_end|>``; see :class:`Visibility`.
 
+Sliding-window layers (Olmo 3: three of every four layers, window 4,096) add a second decision on
+top of the rule, :func:`window_mask`: such a layer lets a query see the **last W keys still visible
+to it** (those the memento rule keeps), not the keys within W logical positions. See
+:func:`window_mask` for why; with no eviction both readings are transformers' window.
+
 Unlike the release's engine, which evicts blocks found in the prompt only once generation starts,
 the rule here holds inside the prompt too: a token after a prompt block's memento never sees it.
 That keeps training, prefill and decode identical.
@@ -571,9 +576,10 @@ class Visibility:
     def __len__(self) -> int:
         return len(self.token_ids)
 
-    def dense(self) -> torch.Tensor:
-        """The (L, L) boolean mask of this sequence; True where the query row sees the key."""
-        return dense_mask(torch.from_numpy(self.invisible_from)[None])[0, 0]
+    def dense(self, window: int | None = None) -> torch.Tensor:
+        """The (L, L) boolean mask of this sequence; True where the query row sees the key
+        (``window``: a sliding-window layer's, :func:`window_mask`)."""
+        return window_mask(dense_mask(torch.from_numpy(self.invisible_from)[None])[0, 0], window)
 
     def live_kv(self) -> np.ndarray:
         """Keys visible to each row (the mask's row sums: the KV an engine holds), without the mask.
@@ -629,6 +635,53 @@ def dense_mask(invisible_from: torch.Tensor) -> torch.Tensor:
     length = invisible_from.shape[1]
     q_idx = torch.arange(length, device=invisible_from.device)
     return (q_idx[None, :, None] < invisible_from[:, None, :]).tril_()[:, None]
+
+
+WINDOW_ROWS_PER_CHUNK = 1024
+"""Query rows whose window is counted at once (bounds the int32 count to chunk x keys)."""
+
+
+def window_mask(mask: torch.Tensor, window: int | None) -> torch.Tensor:
+    """The sliding-window rule on top of the memento rule: of the keys ``mask`` lets a query row see,
+    a sliding layer with ``window`` W sees the last W (in row order); ``None`` is a full layer.
+
+    ``mask`` is boolean (..., Q, K) with the key columns in row order (a dense mask, or an engine's
+    gathered live keys followed by the new rows); the result has the same shape.
+
+    Why the last W *visible* keys rather than the keys within W logical positions:
+
+    * It is what an engine that physically removes evicted KV computes with its attention kernels
+      unchanged: after compaction a sequence's cache holds exactly the keys its next query sees, in
+      order, and a paged kernel's window counts cache entries (vLLM's, and the release's overlay of
+      it). A model trained under this rule is served exactly by stock kernels; under the logical
+      reading every kernel would need a per-token position window.
+    * The mementos stay in reach of the sliding layers once their block is gone: evicting a block
+      brings earlier mementos back inside the window, as the paper's "the memento replaces the
+      block" intends. Under the logical reading a memento more than W positions back would be out
+      of reach of three quarters of Olmo 3's layers while its KV is still kept for the others.
+    * With no eviction (vanilla, or before the first ``<|summary_end|>``) the visible keys are every
+      earlier token and this is transformers' window (``q - W < kv <= q``) exactly.
+
+    The price: a sliding layer may meet relative RoPE distances beyond W (the visible keys span
+    more than W positions once blocks are gone), which pretraining never showed it; and a key out
+    of the window can come back when later tokens are evicted, so an engine may free a token for
+    the sliding layers only once W keys after it can never be evicted (with any full-attention
+    layer in the model nothing is freed early: those layers keep every visible key anyway).
+    """
+    if window is None:
+        return mask
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"a sliding window must be a positive number of keys (None: full attention), got {window!r}")
+    if mask.shape[-1] <= window:
+        return mask  # no row can see more than W keys
+    out = torch.empty_like(mask)
+    rows = mask.shape[-2]
+    for start in range(0, rows, WINDOW_ROWS_PER_CHUNK):
+        part = mask[..., start : start + WINDOW_ROWS_PER_CHUNK, :]
+        # keys visible to the row at or after each column: count from the right
+        after = part.flip(-1).cumsum(-1, dtype=torch.int32).flip(-1)
+        out[..., start : start + WINDOW_ROWS_PER_CHUNK, :] = part & (after <= window)
+    return out
 
 
 def additive_mask(mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -721,16 +774,17 @@ class MaskBatch:
     output_rows: list[np.ndarray]  # per sample, in padded row coordinates
     offsets: list[int]  # per sample, the padded row of its row 0
 
-    def dense(self) -> torch.Tensor:
+    def dense(self, window: int | None = None) -> torch.Tensor:
         """(B, 1, L, L) boolean mask, True = attend: for SDPA (``attn_implementation="sdpa"``).
 
-        transformers' ``eager`` attention adds the mask to the scores, so it needs
-        :meth:`additive`; a boolean mask there silently masks nothing.
+        ``window``: the mask of a sliding-window layer (:func:`window_mask`). transformers'
+        ``eager`` attention adds the mask to the scores, so it needs :meth:`additive`; a boolean
+        mask there silently masks nothing.
         """
-        return dense_mask(self.invisible_from)
+        return window_mask(dense_mask(self.invisible_from), window)
 
-    def additive(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return additive_mask(self.dense(), dtype)
+    def additive(self, dtype: torch.dtype = torch.float32, window: int | None = None) -> torch.Tensor:
+        return additive_mask(self.dense(window), dtype)
 
     def mask_mod(self) -> Callable[..., torch.Tensor]:
         return make_mask_mod(self.invisible_from)

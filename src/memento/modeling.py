@@ -29,7 +29,6 @@ Notes on transformers 5.x that this module relies on:
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +44,7 @@ from memento.format import (
     SUMMARY_START,
     THINK_TOKENS,
 )
-from memento.masking import MaskBatch
+from memento.masking import MaskBatch, additive_mask, window_mask
 
 RELATED_WORDS: dict[str, tuple[str, ...]] = {
     BLOCK_START: ("block", "start", "begin", "section", "step"),
@@ -378,6 +377,10 @@ def _architectures() -> dict[str, tuple[type, type]]:
     from transformers import (
         LlamaConfig,
         LlamaForCausalLM,
+        Olmo3Config,
+        Olmo3ForCausalLM,
+        Phi3Config,
+        Phi3ForCausalLM,
         Qwen2Config,
         Qwen2ForCausalLM,
         Qwen3Config,
@@ -388,10 +391,14 @@ def _architectures() -> dict[str, tuple[type, type]]:
         "qwen3": (Qwen3Config, Qwen3ForCausalLM),
         "llama": (LlamaConfig, LlamaForCausalLM),
         "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+        "phi3": (Phi3Config, Phi3ForCausalLM),
+        "olmo3": (Olmo3Config, Olmo3ForCausalLM),
     }
 
 
-ARCHITECTURES: tuple[str, ...] = ("qwen3", "llama", "qwen2")
+ARCHITECTURES: tuple[str, ...] = ("qwen3", "llama", "qwen2", "phi3", "olmo3")
+"""``build_tiny_model``'s ``arch`` values: the paper's families are Qwen3, Phi-4 (``phi3``, its HF
+architecture: fused qkv and gate_up projections) and Olmo 3 (``olmo3``: sliding-window layers)."""
 
 
 def build_tiny_model(
@@ -408,10 +415,15 @@ def build_tiny_model(
     attn_implementation: str = "sdpa",
     tie_word_embeddings: bool = True,
     dtype: torch.dtype = torch.float32,
+    sliding_window: int | None = None,
+    layer_types: Sequence[str] | None = None,
 ) -> Any:
     """A freshly initialised HF causal LM sized to ``tokenizer``; the same seed gives the same weights.
 
-    ``arch`` is ``"qwen3"`` (Qwen3ForCausalLM), ``"llama"`` or ``"qwen2"``. The tokenizer's pad, eos
+    ``arch`` is one of :data:`ARCHITECTURES`. ``sliding_window`` sets the window of the sliding
+    layers: for ``olmo3`` its default pattern (three sliding layers, then one full; the config's
+    4,096 when None) unless ``layer_types`` is given; for the others every layer (``layer_types``
+    may then pick which ones, for the architectures that have them). The tokenizer's pad, eos
     and bos ids go into the config and the generation config. Weights are drawn in float32 under
     ``torch.manual_seed(seed)`` (the caller's global RNG state is restored afterwards), then cast to
     ``dtype``. The model is returned in eval mode, as ``from_pretrained`` returns one.
@@ -431,6 +443,14 @@ def build_tiny_model(
         "eos_token_id": tokenizer.eos_token_id,
         "bos_token_id": tokenizer.bos_token_id,
     }
+    window_options: dict[str, Any] = {}
+    if sliding_window is not None:
+        window_options["sliding_window"] = int(sliding_window)
+        if arch in ("qwen2", "qwen3"):
+            window_options["use_sliding_window"] = True
+            window_options["max_window_layers"] = 0  # every layer slides unless layer_types says otherwise
+    if layer_types is not None:
+        window_options["layer_types"] = list(layer_types)
     config = config_cls(
         vocab_size=max(len(tokenizer), max(tokenizer.get_vocab().values()) + 1),  # a row for every id
         hidden_size=hidden_size,
@@ -442,6 +462,7 @@ def build_tiny_model(
         max_position_embeddings=max_position_embeddings,
         tie_word_embeddings=tie_word_embeddings,
         attn_implementation=attn_implementation,
+        **window_options,
         **special,
     )
     with torch.random.fork_rng(devices=[]):
@@ -514,9 +535,8 @@ def check_attention_implementation(model: Any) -> str:
     transformers hands a 4D ``attention_mask`` unchanged to the attention function. SDPA takes it as
     a bool mask (True = attend) or an additive float mask; eager computes ``scores + mask``, so it
     needs the additive float mask (a bool mask would be added as 0/1 and mask nothing). Anything
-    else raises ``ValueError`` naming the problem and the fix. Warns when the model has
-    sliding-window layers: a 4D mask replaces their window mask too, unless a dict
-    ``{"full_attention": ..., "sliding_attention": ...}`` is passed.
+    else raises ``ValueError`` naming the problem and the fix. (A 4D mask replaces a sliding layer's
+    window too: :func:`layer_masks` builds one mask per layer type.)
     """
     config = model.config
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -524,7 +544,6 @@ def check_attention_implementation(model: Any) -> str:
     if impl is None:
         impl = getattr(config, "_attn_implementation", None)
     if impl in SUPPORTED_ATTENTION:
-        _warn_sliding_window(text_config)
         return impl
     if impl is None:
         problem = "the model's attention implementation is not set (config._attn_implementation is None)"
@@ -550,24 +569,92 @@ def check_attention_implementation(model: Any) -> str:
     raise ValueError(f"{problem}. Supported: {', '.join(SUPPORTED_ATTENTION)}. {_FIX}")
 
 
-def attention_inputs(batch: MaskBatch, impl: str, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """``input_ids``, ``attention_mask`` (4D, in the form ``impl`` needs: see
-    :data:`SUPPORTED_ATTENTION`) and logical ``position_ids`` of a batch from :mod:`memento.masking`."""
+FULL_ATTENTION = "full_attention"
+SLIDING_ATTENTION = "sliding_attention"
+
+
+def layer_windows(model_or_config: Any) -> dict[str, int | None]:
+    """Each attention layer type of a model and its sliding window (None: full attention).
+
+    Read from the HF config: ``layer_types`` where the config has it (Olmo 3: three
+    ``sliding_attention`` layers to one ``full_attention``; Qwen2/Qwen3 when ``use_sliding_window``),
+    else one window for every layer (``sliding_window``, e.g. Mistral, Phi-3 with a window).
+    Layer types the memento rule has no definition for (chunked, linear, ...) are refused.
+    """
+    config = getattr(model_or_config, "config", model_or_config)
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if not layer_types:
+        uses = getattr(config, "use_sliding_window", True)
+        return {SLIDING_ATTENTION: int(window)} if window and uses else {FULL_ATTENTION: None}
+    out: dict[str, int | None] = {}
+    for kind in layer_types:
+        if kind == FULL_ATTENTION:
+            out[kind] = None
+        elif kind == SLIDING_ATTENTION:
+            if not window:
+                raise ValueError("the config has sliding_attention layers but no sliding_window")
+            out[kind] = int(window)
+        else:
+            raise ValueError(
+                f"layer type {kind!r} is not supported: the memento rule is defined for full_attention and "
+                "sliding_attention layers only"
+            )
+    return out
+
+
+def layer_masks(
+    mask: torch.Tensor,
+    windows: dict[str, int | None] | None,
+    impl: str,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor | dict[str, torch.Tensor]:
+    """The attention mask(s) a model's forward takes, from the boolean memento mask (..., Q, K).
+
+    Each layer type gets :func:`memento.masking.window_mask` with its window, in the form ``impl``
+    needs (:data:`SUPPORTED_ATTENTION`). One tensor when every layer has the same window (every
+    transformers model takes that); a dict keyed by layer type when they differ (the models with
+    ``layer_types`` take it, and it replaces the masks they would build: transformers would
+    otherwise pass one 4D mask to every layer and the sliding layers would lose their window).
+    """
+    windows = windows or {FULL_ATTENTION: None}
+    forms: dict[int | None, torch.Tensor] = {}
+    for window in windows.values():
+        if window not in forms:
+            windowed = window_mask(mask, window)
+            forms[window] = windowed if impl == "sdpa" else additive_mask(windowed, dtype)
+    if len(forms) == 1:
+        return next(iter(forms.values()))
+    return {kind: forms[window] for kind, window in windows.items()}
+
+
+def attention_inputs(
+    batch: MaskBatch,
+    impl: str,
+    dtype: torch.dtype = torch.float32,
+    windows: dict[str, int | None] | None = None,
+) -> dict[str, Any]:
+    """``input_ids``, ``attention_mask`` (4D, in the form ``impl`` needs, one per layer type when
+    ``windows`` differ: :func:`layer_masks`) and logical ``position_ids`` of a batch from
+    :mod:`memento.masking`."""
     if impl not in SUPPORTED_ATTENTION:
         raise ValueError(f"unsupported attention implementation {impl!r}; supported: {', '.join(SUPPORTED_ATTENTION)}")
-    mask = batch.dense() if impl == "sdpa" else batch.additive(dtype)
+    mask = layer_masks(batch.dense(), windows, impl, dtype)
     return {"input_ids": batch.input_ids, "attention_mask": mask, "position_ids": batch.position_ids}
 
 
-def _warn_sliding_window(config: Any) -> None:
-    layer_types = getattr(config, "layer_types", None) or ()
-    sliding = any("sliding" in str(t) for t in layer_types)
-    if not sliding and getattr(config, "use_sliding_window", False) and getattr(config, "sliding_window", None):
-        sliding = True
-    if sliding:
-        warnings.warn(
-            "the model has sliding-window attention layers: a 4D attention mask reaches them unchanged "
-            "and replaces their window, so also apply the window to the mask given to those layers "
-            "(pass attention_mask={'full_attention': mask, 'sliding_attention': windowed_mask})",
-            stacklevel=3,
-        )
+def to_device(inputs: dict[str, Any], device: torch.device | str) -> dict[str, Any]:
+    """Model inputs moved to ``device`` (a per-layer-type mask dict included)."""
+    return {
+        key: {k: v.to(device) for k, v in value.items()} if isinstance(value, dict) else value.to(device)
+        for key, value in inputs.items()
+    }
+
+
+def model_inputs(model: Any, batch: MaskBatch) -> dict[str, Any]:
+    """:func:`attention_inputs` for ``model``: its attention backend, dtype, layer windows and device."""
+    impl = check_attention_implementation(model)
+    param = next(model.parameters())
+    return to_device(attention_inputs(batch, impl, param.dtype, layer_windows(model)), param.device)

@@ -20,7 +20,7 @@ import torch
 
 from memento.format import MementoFormatError, SpecialTokenIds
 from memento.masking import MEMENTO, MaskConfig, Visibility, collate_visibility, compute_visibility
-from memento.modeling import attention_inputs, check_attention_implementation
+from memento.modeling import model_inputs
 
 
 @dataclass
@@ -43,12 +43,8 @@ def forward_logits(
     pad_token_id: int = 0,
 ) -> list[torch.Tensor]:
     """Logits (T, vocab) of each sequence's original tokens, from one masked forward pass."""
-    impl = check_attention_implementation(model)
     batch = collate_visibility(items, padding_side="right", pad_token_id=pad_token_id)
-    dtype = next(model.parameters()).dtype
-    device = next(model.parameters()).device
-    inputs = {k: v.to(device) for k, v in attention_inputs(batch, impl, dtype).items()}
-    logits = model(**inputs).logits.float().cpu()
+    logits = model(**model_inputs(model, batch)).logits.float().cpu()
     return [logits[b, torch.as_tensor(rows)] for b, rows in enumerate(batch.output_rows)]
 
 

@@ -17,7 +17,7 @@ import torch
 
 from memento.format import SpecialTokenIds
 from memento.masking import MaskConfig, Visibility, collate_visibility, compute_visibility
-from memento.modeling import attention_inputs, check_attention_implementation
+from memento.modeling import attention_inputs, check_attention_implementation, layer_windows, to_device
 
 
 def kv_rows(vis: Visibility) -> np.ndarray:
@@ -71,6 +71,7 @@ def kv_features(
     if len(widths) > 1:
         raise ValueError(f"every sequence needs the same number of positions, got {sorted(widths)}")
     impl = check_attention_implementation(model)
+    windows = layer_windows(model)
     n_layers = int(model.config.num_hidden_layers)
     chosen = list(range(n_layers)) if layers is None else [int(x) for x in layers]
     bad = [x for x in chosen if not 0 <= x < n_layers]
@@ -86,7 +87,7 @@ def kv_features(
             for i in chunk
         ]
         batch = collate_visibility(items, padding_side="right", pad_token_id=pad_token_id)
-        inputs = {k: v.to(device) for k, v in attention_inputs(batch, impl, dtype).items()}
+        inputs = to_device(attention_inputs(batch, impl, dtype, windows), device)
         outputs = model(**inputs, use_cache=True)
         cache = outputs["cache"] if "cache" in outputs else outputs["past_key_values"]  # transformers >= 5.2x: cache
         picks = []

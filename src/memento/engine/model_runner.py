@@ -4,7 +4,10 @@ The HF model does the maths; the runner decides what it sees. It hands the model
 transformers' cache (:class:`PoolCache`): when an attention layer offers its new keys and values
 (RoPE already applied at the rows' logical positions), they are written into the rows' pool slots,
 and the layer gets back every key its sequence still has, gathered by slot table. The 4D boolean
-mask over those keys comes from :func:`memento.masking.visible`, the same rule training uses.
+mask over those keys comes from :func:`memento.masking.visible`, the same rule training uses, and
+sliding-window layers get it through :func:`memento.masking.window_mask` (one mask per layer type,
+:func:`memento.modeling.layer_masks`, as training builds them). Every layer keeps every live token's
+KV: a token leaves the pool when the memento rule evicts it.
 
 Batches are left-padded, so the last query row of every sequence is the last column and
 ``logits_to_keep=1`` computes the LM head only where a token is sampled.
@@ -22,10 +25,12 @@ import torch
 
 from memento.engine.kv_pool import KVPool
 from memento.engine.sequence import Sequence
-from memento.masking import NEVER, additive_mask, visible
+from memento.masking import NEVER, visible
+from memento.modeling import layer_masks, layer_windows
 
-SUPPORTED_MODEL_TYPES = ("qwen3", "qwen2", "llama", "mistral")
-"""Architectures whose attention layers write their KV through ``cache.update`` (tested here)."""
+SUPPORTED_MODEL_TYPES = ("qwen3", "qwen2", "llama", "mistral", "phi3", "olmo3")
+"""Architectures whose attention layers write their KV through ``cache.update`` (tested here; the
+paper's families are Qwen3, Phi-4 = ``phi3`` and Olmo 3 = ``olmo3``)."""
 
 
 class PoolCache:
@@ -79,6 +84,7 @@ class ModelRunner:
         self.pool = pool
         self.cache = PoolCache(pool)
         self.attn_implementation = attn_implementation
+        self.windows = layer_windows(model)
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         params = inspect.signature(model.forward).parameters
@@ -125,8 +131,11 @@ class ModelRunner:
         mask = visible(query_rows_t[:, :, None], key_rows_t[:, None, :], key_invisible_t[:, None, :])
         mask |= (query_rows_t < 0)[:, :, None]  # padding query rows see everything: finite, then discarded
         live_keys = mask[:, -1, :].sum(dim=-1).tolist()
-        mask = mask[:, None].to(self.device)
-        attention_mask = additive_mask(mask, self.dtype) if self.attn_implementation == "eager" else mask
+        masks = layer_masks(mask[:, None], self.windows, self.attn_implementation, self.dtype)
+        if isinstance(masks, dict):
+            attention_mask = {kind: m.to(self.device) for kind, m in masks.items()}
+        else:
+            attention_mask = masks.to(self.device)
         self.cache.bind(torch.from_numpy(write_slots).to(self.device), torch.from_numpy(read_slots).to(self.device))
         out = self.model(
             input_ids=input_ids_t.to(self.device),

@@ -54,6 +54,9 @@ class MementoCollator:
     padding_side: str = "right"
     pad_to_multiple_of: int | None = None
     mask_dtype: torch.dtype = torch.float32
+    windows: dict[str, int | None] | None = None
+    """The model's attention layer types and their sliding windows (:func:`memento.modeling.layer_windows`):
+    stage 2 gives each type its own mask. None: every layer full attention."""
 
     def __post_init__(self) -> None:
         if self.mask_config is not None and self.mask_config.restart:
@@ -63,7 +66,7 @@ class MementoCollator:
         if self.mask_config is not None and self.mask_config.require_assistant_section and not self.assistant_prefix:
             raise ValueError("require_assistant_section needs the assistant prefix ids (assistant_prefix_ids)")
 
-    def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, Any]:
         sequences = [np.asarray(f["input_ids"], dtype=np.int64) for f in features]
         items = [self.visibility(seq, index=i) for i, seq in enumerate(sequences)]
         batch = collate_visibility(
@@ -85,7 +88,7 @@ class MementoCollator:
                 # Leaving it out lets SDPA take its causal kernel: ~35% faster steps on CPU.
                 return causal
             return {**causal, "attention_mask": batch.attention_mask, "position_ids": batch.position_ids}
-        return {**attention_inputs(batch, self.attn_implementation, self.mask_dtype), "labels": labels}
+        return {**attention_inputs(batch, self.attn_implementation, self.mask_dtype, self.windows), "labels": labels}
 
     def visibility(self, sequence: np.ndarray, index: int = 0):
         """The visibility decision for one example (causal when ``mask_config`` is None)."""

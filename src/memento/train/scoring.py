@@ -20,7 +20,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from memento.format import SpecialTokenIds
 from memento.masking import MaskConfig, collate_visibility, compute_visibility
-from memento.modeling import attention_inputs, check_attention_implementation
+from memento.modeling import model_inputs
 
 
 def _unwrap(model: Any) -> Any:
@@ -62,9 +62,7 @@ def completion_logprobs(
     ]
     batch = collate_visibility(items, padding_side="right", pad_token_id=pad_token_id)
     inner = _unwrap(model)
-    impl = check_attention_implementation(inner)
-    param = next(inner.parameters())
-    inputs = {k: v.to(param.device) for k, v in attention_inputs(batch, impl, param.dtype).items()}
+    inputs = model_inputs(inner, batch)
     # Only the rows that predict completion tokens need logits: from the earliest such row on.
     first = min(int(rows[len(p) - 1]) for rows, p in zip(batch.output_rows, prompts, strict=True))
     length = batch.input_ids.shape[1]

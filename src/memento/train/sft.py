@@ -24,7 +24,7 @@ import torch
 from memento.chat import tracked_prefix
 from memento.format import SpecialTokenIds
 from memento.masking import CHAT_MEMENTO, MaskConfig
-from memento.modeling import check_attention_implementation
+from memento.modeling import check_attention_implementation, layer_windows
 from memento.train.collate import MementoCollator, tokenize_example
 
 BEST_DIR = "best"
@@ -102,6 +102,7 @@ def make_collator(model: Any, tokenizer: Any, stage: int, settings: SFTSettings)
         attn_implementation=impl,
         assistant_prefix=prefix,
         mask_dtype=dtype,
+        windows=layer_windows(model),
     )
 
 
