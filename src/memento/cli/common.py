@@ -219,23 +219,24 @@ MaxTokensOpt = Annotated[int, typer.Option("--max-tokens", min=1)]
 # their own; a command takes them with @mask_options and builds its MaskConfig with mask_config.
 MASK_PANEL = "Memento mask"
 KeepLastNOpt = Annotated[
-    int,
+    int | None,
     typer.Option(
         "--keep-last-n",
-        help="-1 vanilla (nothing evicted), 0 memento, N keep the N newest finished blocks.",
+        help="-1 vanilla (nothing evicted), 0 memento, N keep the N newest finished blocks. [default: 0]",
         rich_help_panel=MASK_PANEL,
     ),
 ]
 MaskDelimitersOpt = Annotated[
-    bool,
+    bool | None,
     typer.Option(
         "--mask-delimiters/--no-mask-delimiters",
-        help="Also hide an evicted block's <|block_start|> and <|block_end|> (Phi-4 style).",
+        help="Also hide an evicted block's <|block_start|> and <|block_end|>. [default: the model family's: "
+        "on for Phi-4, off otherwise]",
         rich_help_panel=MASK_PANEL,
     ),
 ]
 KeepLastBlockOpt = Annotated[
-    bool,
+    bool | None,
     typer.Option(
         "--keep-last-block-for-answer",
         help="Keep the newest finished block visible until the next one starts.",
@@ -243,7 +244,7 @@ KeepLastBlockOpt = Annotated[
     ),
 ]
 RestartOpt = Annotated[
-    bool,
+    bool | None,
     typer.Option(
         "--restart",
         help="Restart ablation: an evicted block's memento is recomputed without it (keep-last-n 0 only).",
@@ -253,12 +254,13 @@ RestartOpt = Annotated[
 
 
 def _mask_knobs(
-    keep_last_n: KeepLastNOpt = 0,
-    mask_delimiters: MaskDelimitersOpt = False,
-    keep_last_block_for_answer: KeepLastBlockOpt = False,
-    restart: RestartOpt = False,
+    keep_last_n: KeepLastNOpt = None,
+    mask_delimiters: MaskDelimitersOpt = None,
+    keep_last_block_for_answer: KeepLastBlockOpt = None,
+    restart: RestartOpt = None,
 ) -> None:
-    """The mask options as command parameters, for :func:`mask_options` to hand out."""
+    """The mask options as command parameters, for :func:`mask_options` to hand out. None: not given,
+    so the command's base setting stands (a model family's default: :mod:`memento.families`)."""
 
 
 def mask_options(*names: str) -> Callable[[F], F]:
@@ -312,8 +314,9 @@ def settings_from(cls: type[T], options: Mapping[str, Any], /, **values: Any) ->
 
 def mask_config(base: MaskConfig, mask_knobs: Mapping[str, Any], code: int = 1) -> MaskConfig:
     """``base`` with the mask options given on the command line (``mask_knobs``: see
-    :func:`mask_options`), or exit ``code`` saying what is wrong."""
+    :func:`mask_options`; None = not given), or exit ``code`` saying what is wrong."""
+    given = {name: value for name, value in mask_knobs.items() if value is not None}
     try:
-        return dataclasses.replace(base, **mask_knobs)
+        return dataclasses.replace(base, **given)
     except ValueError as exc:
         fail(str(exc), code=code)

@@ -32,7 +32,7 @@ from memento.cli.common import (
     settings_from,
 )
 from memento.engine import LLM, EngineConfig, SamplingParams
-from memento.masking import CHAT_MEMENTO
+from memento.families import default_mask
 from memento.records_io import RecordReadError, read_records
 
 app = typer.Typer()
@@ -85,7 +85,7 @@ def generate_command(
         texts += _read_prompts(prompts_file)
     if not texts:
         fail("give --prompt or --prompts")
-    mask = mask_config(CHAT_MEMENTO, mask_knobs)
+    mask = mask_config(default_mask(model), mask_knobs)
     require_exists(model)
     try:
         params = settings_from(SamplingParams, locals())

@@ -20,7 +20,7 @@ from memento.cli.common import (
     parse_knobs,
     require_exists,
 )
-from memento.masking import CHAT_MEMENTO
+from memento.families import default_mask
 
 app = typer.Typer()
 
@@ -78,7 +78,7 @@ def rl_command(
     from memento.eval.tasks import load_task_set
     from memento.train.rl import RLSettings, train_rl
 
-    mask = mask_config(CHAT_MEMENTO, mask_knobs)
+    mask = mask_config(default_mask(model), mask_knobs)
     try:
         task_set = load_task_set(
             task,

@@ -28,7 +28,7 @@ from memento.cli.common import (
     settings_from,
 )
 from memento.engine import EngineConfig
-from memento.masking import CHAT_MEMENTO
+from memento.families import default_mask
 from memento.serve.server import build_app
 from memento.vllm.config import MementoSettings
 from memento.vllm.serve import check_vllm_available, exec_vllm_serve, vllm_serve_argv
@@ -89,7 +89,7 @@ def serve_command(
     require_exists(model)
     if backend not in ("engine", "vllm"):
         fail(f"--backend must be engine or vllm, not {backend!r}")
-    mask = mask_config(CHAT_MEMENTO, mask_knobs)
+    mask = mask_config(default_mask(model), mask_knobs)
     if backend == "vllm":
         _serve_with_vllm(model, locals(), extra=vllm_args or [])
         return

@@ -17,8 +17,9 @@ from memento.cli.common import (
     require_exists,
     settings_from,
 )
+from memento.families import default_mask, model_type_mask
 from memento.format import MementoFormatError
-from memento.masking import CHAT_MEMENTO
+from memento.modeling import ARCHITECTURES
 from memento.train.pipeline import TrainPlan, run_training
 from memento.train.sft import SFTSettings
 
@@ -36,7 +37,8 @@ def train_command(
         Path | None, typer.Option("--model", help="A local HF checkpoint to start from (stage 2 alone: stage 1's).")
     ] = None,
     tiny: Annotated[
-        str | None, typer.Option("--tiny", help="Build a tiny model from scratch instead: qwen3, llama or qwen2.")
+        str | None,
+        typer.Option("--tiny", help=f"Build a tiny model from scratch instead: {', '.join(ARCHITECTURES)}."),
     ] = None,
     tiny_hidden: Annotated[int, typer.Option("--tiny-hidden", help="Tiny model hidden size.")] = 128,
     tiny_layers: Annotated[int, typer.Option("--tiny-layers", help="Tiny model layers.")] = 4,
@@ -61,7 +63,8 @@ def train_command(
     logs losses to OUTPUT/stageN/log.jsonl, and saves its best model (with the tokenizer) to
     OUTPUT/stageN/best. Every example is checked against the memento grammar before training.
     """
-    settings = settings_from(SFTSettings, locals(), mask=mask_config(CHAT_MEMENTO, mask_knobs))
+    base = default_mask(model) if model is not None else model_type_mask(tiny)  # a tiny arch is its model_type
+    settings = settings_from(SFTSettings, locals(), mask=mask_config(base, mask_knobs))
     require_exists(train_file, eval_file, model)
     try:
         plan = settings_from(
