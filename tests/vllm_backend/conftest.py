@@ -56,15 +56,15 @@ def model_dir(model, tok, tmp_path_factory):
 
 
 @pytest.fixture
-def make_llm(model_dir):
-    """``make_llm(settings, **engine_kwargs)``: a memento vLLM engine on the tiny model (shut down after)."""
+def make_llm_at():
+    """``make_llm_at(path, settings, **engine_kwargs)``: a memento vLLM engine on a checkpoint (shut down after)."""
     from memento.vllm.config import engine_args
 
     made = []
 
-    def make(settings, **kwargs):
+    def make(path, settings, **kwargs):
         options = dict(
-            model=str(model_dir),
+            model=str(path),
             dtype="float32",
             enforce_eager=True,
             max_model_len=512,
@@ -83,3 +83,9 @@ def make_llm(model_dir):
         llm.llm_engine.engine_core.shutdown()
     made.clear()
     gc.collect()
+
+
+@pytest.fixture
+def make_llm(model_dir, make_llm_at):
+    """``make_llm(settings, **engine_kwargs)``: a memento vLLM engine on the tiny model (shut down after)."""
+    return lambda settings, **kwargs: make_llm_at(model_dir, settings, **kwargs)

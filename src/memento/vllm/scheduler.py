@@ -135,11 +135,14 @@ def check_engine_config(vllm_config: Any, kv_cache_config: Any) -> None:
             f"(worker_cls={WORKER_CLS!r}, or --worker-cls {WORKER_CLS})"
         )
     groups = kv_cache_config.kv_cache_groups
+    # Sliding-window layers arrive as full-attention specs with their window kept (the memento
+    # worker's get_kv_cache_spec); anything else (chunked-local, Mamba, MLA, cross-attention) has no
+    # memento rule.
     if len(groups) != 1 or type(groups[0].kv_cache_spec) is not FullAttentionSpec:
         kinds = sorted({type(g.kv_cache_spec).__name__ for g in groups})
         problems.append(
-            f"the model's KV cache has groups {kinds}: only models whose every layer uses full "
-            "attention are supported (no sliding window, no hybrid/mamba layers)"
+            f"the model's KV cache has groups {kinds}: only models whose layers use full or sliding-window "
+            "attention are supported (no chunked-local, mamba or MLA layers)"
         )
     if problems:
         raise ValueError("memento's vLLM backend cannot start: " + "; ".join(problems))

@@ -70,6 +70,28 @@ class MementoCPUModelRunner(CPUModelRunner):
 
     # -- start-up ----------------------------------------------------------------------------
 
+    def get_kv_cache_spec(self) -> dict[str, Any]:
+        """Every layer's KV spec, sliding-window layers given full-length pages.
+
+        vLLM would give sliding layers a manager that frees the pages that left the window. Under
+        memento eviction keys come back into the window (evicting a block brings older mementos
+        back: masking.window_mask), and the worker's page list would still point at the freed
+        pages. So every layer keeps every live token, in one KV group, while each layer's attention
+        still applies its own window to the compacted cache: the last W keys still there, which is
+        the training mask's sliding rule (masking.window_mask). The backend's KV saving on a hybrid
+        model is then the memento eviction alone.
+        """
+        from vllm.v1.core.kv_cache_utils import replace_as
+        from vllm.v1.kv_cache_interface import FullAttentionSpec, SlidingWindowSpec
+
+        specs = super().get_kv_cache_spec()
+        return {
+            name: replace_as(spec, FullAttentionSpec, drop=("extra_retained_tokens",))
+            if type(spec) is SlidingWindowSpec
+            else spec
+            for name, spec in specs.items()
+        }
+
     def initialize_kv_cache(self, kv_cache_config: Any, *args: Any, **kwargs: Any) -> None:
         super().initialize_kv_cache(kv_cache_config, *args, **kwargs)
         if self.cache_config.cache_dtype != "auto":
