@@ -119,3 +119,79 @@ def test_sliding_window_families_match_the_dense_mask_forward(families, make_llm
         assert (stats.evictions > 0) == settings.mask.evicts
         if pool:
             assert stats.recomputes > 0, "the small pool did not force a preemption"
+
+
+@pytest.mark.parametrize("family", ["phi4", "olmo3"])
+def test_memento_serve_vllm_runs_each_family_with_its_mask(family, tmp_path):
+    """`memento serve DIR --backend vllm` on a family's tiny memento checkpoint (byte-level BPE tokenizer,
+    its chat template), with no mask flag: the family's mask reaches vLLM and chat answers."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import httpx
+
+    from memento.families import FAMILIES, build_family_tokenizer
+    from memento.modeling import add_memento_tokens
+
+    spec = FAMILIES[family]
+    tokenizer = build_family_tokenizer(family)
+    model = build_tiny_model(
+        tokenizer,
+        arch=spec.tiny_arch,
+        hidden_size=64,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        num_hidden_layers=4,
+        intermediate_size=128,
+        tie_word_embeddings=False,
+        **({"sliding_window": WINDOW} if spec.sliding_window else {}),
+    )
+    add_memento_tokens(tokenizer, model)
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    memento = Path(sys.executable).parent / "memento"
+    cmd = [str(memento), "serve", str(tmp_path / "model"), "--backend", "vllm", "--port", str(port)]
+    cmd += ["--dtype", "float32", "--block-size", "32", "--served-model-name", "tiny", "--kv-budget-tokens", "2048"]
+    cmd += ["--vllm-arg=--max-model-len=512", "--vllm-arg=--enforce-eager", "--vllm-arg=--gpu-memory-utilization=0.999"]
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}
+    env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
+    log = tmp_path / "serve.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                pytest.fail(f"vllm serve exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+            try:
+                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        else:
+            pytest.fail(f"vllm serve did not come up:\n{log.read_text()[-4000:]}")
+        reply = httpx.post(
+            f"{base}/v1/chat/completions",
+            json={"model": "tiny", "messages": [{"role": "user", "content": "1 + 2"}], "max_tokens": 16},
+            timeout=120,
+        )
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    assert reply.status_code == 200, reply.text
+    text = log.read_text()
+    command = "".join(text[text.index("exec: ") :].split())  # the console wraps the exec line
+    assert command.startswith("exec:") and "--additional-config" in command
+    assert ('"mask_delimiters":true' in command) is (family == "phi4")
