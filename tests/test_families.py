@@ -90,6 +90,7 @@ MODES = [
     pytest.param(dict(keep_last_n=0), id="keep0"),
     pytest.param(dict(keep_last_n=1), id="keep1"),
     pytest.param(dict(keep_last_n=0, mask_delimiters=True), id="keep0-delims"),
+    pytest.param(dict(keep_last_n=0, keep_last_block_for_answer=True), id="keep0-lastblock"),
     pytest.param(dict(keep_last_n=0, restart=True), id="restart"),
 ]
 

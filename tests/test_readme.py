@@ -64,6 +64,8 @@ PLAN: list[tuple[str, str]] = [
     (r"^memento validate ", FAST),
     (r"^memento inspect ", FAST),
     (r"^memento synth ", FAST),
+    (r"^memento train --model path/to/base ", "covered: tests/test_family_cli.py, on a tiny checkpoint per family"),
+    (r"^memento serve runs/mine/", "covered: tests/test_family_cli.py and tests/vllm_backend/test_vllm_families.py"),
     (r"^memento train ", SLOW),
     (r"^memento rl ", SLOW),
     (r"^memento generate ", SLOW),

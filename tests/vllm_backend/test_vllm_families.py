@@ -34,6 +34,7 @@ MODES = {
     "keep0": dict(keep_last_n=0),
     "keep1": dict(keep_last_n=1),
     "keep0-delims": dict(keep_last_n=0, mask_delimiters=True),
+    "keep0-lastblock": dict(keep_last_n=0, keep_last_block_for_answer=True),
     "restart": dict(keep_last_n=0, restart=True),
 }
 RUNS = {"batch6": {}, "preempt": dict(num_gpu_blocks_override=10, max_model_len=288)}  # 9 pages: 288 slots
