@@ -52,7 +52,8 @@ def cases_for(tok, rng: random.Random, batch: int):
 
 @pytest.fixture(scope="module")
 def families(tok, tmp_path_factory):
-    """Per arch: (checkpoint dir, {(mode, run): (cases, reference logprobs)}), references first."""
+    """Per arch: (checkpoint dir, vocab, {(mode, run): (cases, reference logprobs)}), references first;
+    per ("serve", family): a memento checkpoint for the serve test."""
     out = {}
     for arch in ARCHS:
         model = build_tiny_model(
@@ -84,7 +85,33 @@ def families(tok, tmp_path_factory):
         other = reference_logprobs(unwindowed, tok, cases, MementoSettings(mask=MaskConfig.chat(keep_last_n=0)))
         assert max((w - o).abs().max().item() for w, o in zip(want, other, strict=True)) > 100 * TOLERANCE
         out[arch] = (path, model.config.vocab_size, refs)
+    for family in ("phi4", "olmo3"):  # built here too: no Olmo 3 can be built once an engine ran
+        out["serve", family] = memento_checkpoint(family, tmp_path_factory.mktemp(f"serve-{family}"))
     return out
+
+
+def memento_checkpoint(family: str, path):
+    """A family's tiny memento checkpoint: its byte-level BPE tokenizer and template, memento tokens added."""
+    from memento.families import FAMILIES, build_family_tokenizer
+    from memento.modeling import add_memento_tokens
+
+    spec = FAMILIES[family]
+    tokenizer = build_family_tokenizer(family)
+    model = build_tiny_model(
+        tokenizer,
+        arch=spec.tiny_arch,
+        hidden_size=64,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        num_hidden_layers=4,
+        intermediate_size=128,
+        tie_word_embeddings=False,
+        **({"sliding_window": WINDOW} if spec.sliding_window else {}),
+    )
+    add_memento_tokens(tokenizer, model)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
 
 
 @pytest.mark.parametrize("mode", list(MODES))
@@ -123,7 +150,7 @@ def test_sliding_window_families_match_the_dense_mask_forward(families, make_llm
 
 
 @pytest.mark.parametrize("family", ["phi4", "olmo3"])
-def test_memento_serve_vllm_runs_each_family_with_its_mask(family, tmp_path):
+def test_memento_serve_vllm_runs_each_family_with_its_mask(families, family, tmp_path):
     """`memento serve DIR --backend vllm` on a family's tiny memento checkpoint (byte-level BPE tokenizer,
     its chat template), with no mask flag: the family's mask reaches vLLM and chat answers."""
     import os
@@ -135,30 +162,12 @@ def test_memento_serve_vllm_runs_each_family_with_its_mask(family, tmp_path):
 
     import httpx
 
-    from memento.families import FAMILIES, build_family_tokenizer
-    from memento.modeling import add_memento_tokens
-
-    spec = FAMILIES[family]
-    tokenizer = build_family_tokenizer(family)
-    model = build_tiny_model(
-        tokenizer,
-        arch=spec.tiny_arch,
-        hidden_size=64,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        num_hidden_layers=4,
-        intermediate_size=128,
-        tie_word_embeddings=False,
-        **({"sliding_window": WINDOW} if spec.sliding_window else {}),
-    )
-    add_memento_tokens(tokenizer, model)
-    model.save_pretrained(tmp_path / "model")
-    tokenizer.save_pretrained(tmp_path / "model")
+    checkpoint = families["serve", family]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     memento = Path(sys.executable).parent / "memento"
-    cmd = [str(memento), "serve", str(tmp_path / "model"), "--backend", "vllm", "--port", str(port)]
+    cmd = [str(memento), "serve", str(checkpoint), "--backend", "vllm", "--port", str(port)]
     cmd += ["--dtype", "float32", "--block-size", "32", "--served-model-name", "tiny", "--kv-budget-tokens", "2048"]
     cmd += ["--vllm-arg=--max-model-len=512", "--vllm-arg=--enforce-eager", "--vllm-arg=--gpu-memory-utilization=0.999"]
     env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}
