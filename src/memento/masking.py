@@ -506,6 +506,35 @@ class RowLayout:
             self.doomed = [run for run in self.doomed if invisible[run.start] > computed]
         return dead
 
+    def evictable_from(self) -> int:
+        """The first row a future eviction may still cover (:attr:`num_rows` when none can).
+
+        Units are evicted in order, once each, so the first unit without an eviction event (a closed
+        block kept by ``keep_last_n``, or the open one) is where future evictions begin; rows before
+        it that are still visible stay visible for good.
+        """
+        tracker = self.tracker
+        inner = tracker.tracker
+        if not self.tracker.config.evicts or tracker.structure_error is not None:
+            return self.num_rows
+        pending = len(inner.events)
+        if pending >= len(inner.units):
+            return self.num_rows
+        return int(self.row_of_token[inner.units[pending].block_start])
+
+    def window_floor(self, live_rows: np.ndarray, window: int) -> int:
+        """Rows below this one have left a sliding window of ``window`` keys for good (:func:`window_mask`).
+
+        A key leaves the window when W visible keys follow it, but it comes back if some of them are
+        evicted later; it is out for good once W keys after it can never be evicted (visible now,
+        before :meth:`evictable_from`). ``live_rows`` are the computed rows still held (ascending):
+        an engine whose every layer slides may free the live rows below the floor. 0: none.
+        """
+        frontier = self.evictable_from()
+        settled = live_rows[live_rows < frontier]
+        settled = settled[self._rows.column(2)[settled] == NEVER]
+        return int(settled[-window]) if len(settled) >= window else 0
+
     def visibility(self) -> Visibility:
         """The decision so far, for one forward pass over every row."""
         tracker = self.tracker.tracker
@@ -665,8 +694,9 @@ def window_mask(mask: torch.Tensor, window: int | None) -> torch.Tensor:
     The price: a sliding layer may meet relative RoPE distances beyond W (the visible keys span
     more than W positions once blocks are gone), which pretraining never showed it; and a key out
     of the window can come back when later tokens are evicted, so an engine may free a token for
-    the sliding layers only once W keys after it can never be evicted (with any full-attention
-    layer in the model nothing is freed early: those layers keep every visible key anyway).
+    the sliding layers only once W keys after it can never be evicted (:meth:`RowLayout.window_floor`;
+    with any full-attention layer in the model nothing is freed early: those layers keep every
+    visible key anyway).
     """
     if window is None:
         return mask

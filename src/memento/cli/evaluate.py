@@ -29,6 +29,7 @@ from memento.eval.kvsim import PRESETS
 from memento.eval.report import runs_table, write_report
 from memento.eval.run import EvalSettings, Mode, evaluate_model, load_model
 from memento.eval.tasks import load_task_set
+from memento.families import default_mask
 
 app = typer.Typer()
 
@@ -79,7 +80,8 @@ def eval_command(
     """
     require_exists(model)
     try:
-        mode_list = [Mode.parse(m) for m in modes.split(",") if m.strip()]
+        family_mask = default_mask(model)  # Phi-4: "memento" is memento+delimiters, as it was trained
+        mode_list = [Mode.parse(m, family_mask) for m in modes.split(",") if m.strip()]
         if not mode_list:
             fail("give at least one mode")
         kv_models = [m.lower() for m in (kv_model or ["qwen3-8b"])]

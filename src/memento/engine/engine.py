@@ -421,6 +421,8 @@ class LLMEngine:
     def _release(self, seq: Sequence) -> None:
         t0 = time.perf_counter()
         self.pool.free(seq.release_dead())
+        if self.runner.freeing_window is not None:
+            self.pool.free(seq.release_out_of_window(self.runner.freeing_window))
         self.stats.release_seconds += time.perf_counter() - t0
 
     def _accept(self, seq: Sequence, sampled: SampledToken, logits: torch.Tensor, on_token) -> None:

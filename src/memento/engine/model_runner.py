@@ -7,7 +7,8 @@ and the layer gets back every key its sequence still has, gathered by slot table
 mask over those keys comes from :func:`memento.masking.visible`, the same rule training uses, and
 sliding-window layers get it through :func:`memento.masking.window_mask` (one mask per layer type,
 :func:`memento.modeling.layer_masks`, as training builds them). Every layer keeps every live token's
-KV: a token leaves the pool when the memento rule evicts it.
+KV: a token leaves the pool when the memento rule evicts it, or, when every layer slides, once it
+has left every window for good (:attr:`ModelRunner.freeing_window`).
 
 Batches are left-padded, so the last query row of every sequence is the last column and
 ``logits_to_keep=1`` computes the LM head only where a token is sampled.
@@ -85,6 +86,11 @@ class ModelRunner:
         self.cache = PoolCache(pool)
         self.attn_implementation = attn_implementation
         self.windows = layer_windows(model)
+        windows = set(self.windows.values())
+        self.freeing_window: int | None = None if None in windows else max(windows)
+        """When every layer slides: the widest window, past which a token can be freed for good
+        (:meth:`memento.masking.RowLayout.window_floor`); None when a full-attention layer keeps every
+        visible key (Qwen3, Phi-4 without a window, Olmo 3's full layers)."""
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         params = inspect.signature(model.forward).parameters

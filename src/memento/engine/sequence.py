@@ -17,7 +17,7 @@ import torch
 
 from memento.arrays import GrowingTable
 from memento.engine.sampling import SamplingParams
-from memento.masking import BlockCap, RowLayout
+from memento.masking import NEVER, BlockCap, RowLayout
 
 
 class SequenceStatus(enum.Enum):
@@ -163,6 +163,21 @@ class Sequence:
         for run in dead:  # a run is consecutive rows, so consecutive among the live ones
             lo, hi = np.searchsorted(self.live_rows, (run.start, run.stop))
             gone[lo:hi] = True
+        slots = self.live_slots[gone].tolist()
+        self._live.keep(~gone)
+        return slots
+
+    def release_out_of_window(self, window: int) -> list[int]:
+        """Drop (and return the slots of) live rows that have left a sliding window of ``window`` keys
+        for good (:meth:`memento.masking.RowLayout.window_floor`): for a model whose every layer slides.
+
+        Rows an eviction already doomed stay until :meth:`release_dead` takes their whole run (the
+        runner reads a doomed run as consecutive live keys)."""
+        count = int(np.searchsorted(self.live_rows, self.layout.window_floor(self.live_rows, window)))
+        if count == 0:
+            return []
+        gone = np.zeros(self.num_live, dtype=bool)
+        gone[:count] = self.layout.columns()[2][self.live_rows[:count]] == NEVER
         slots = self.live_slots[gone].tolist()
         self._live.keep(~gone)
         return slots

@@ -37,9 +37,16 @@ class Mode:
     mask: MaskConfig
 
     @classmethod
-    def parse(cls, name: str) -> Mode:
-        """``memento``, ``vanilla``, ``restart`` or ``keep-N`` (N >= 1), tracked from the assistant's turn."""
+    def parse(cls, name: str, family_mask: MaskConfig | None = None) -> Mode:
+        """``memento``, ``vanilla``, ``restart`` or ``keep-N`` (N >= 1), tracked from the assistant's turn.
+
+        ``family_mask``: the model family's default (:func:`memento.families.default_mask`); a family
+        that masks the delimiters (Phi-4) has them masked in its evicting modes (``memento`` reads
+        ``memento+delimiters``), as it was trained. Restart evicts them anyway; vanilla evicts nothing.
+        """
         mask = MaskConfig.from_mode(name, require_assistant_section=True)
+        if family_mask is not None and family_mask.mask_delimiters and mask.evicts and not mask.restart:
+            mask = replace(mask, mask_delimiters=True)
         return cls(mask.mode, mask)
 
 
