@@ -667,7 +667,7 @@ def dense_mask(invisible_from: torch.Tensor) -> torch.Tensor:
 
 
 WINDOW_ROWS_PER_CHUNK = 1024
-"""Query rows whose window is counted at once (bounds the int32 count to chunk x keys)."""
+"""Query rows whose window is counted at once (bounds the float32 counts to chunk x keys)."""
 
 
 def window_mask(mask: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -708,9 +708,10 @@ def window_mask(mask: torch.Tensor, window: int | None) -> torch.Tensor:
     rows = mask.shape[-2]
     for start in range(0, rows, WINDOW_ROWS_PER_CHUNK):
         part = mask[..., start : start + WINDOW_ROWS_PER_CHUNK, :]
-        # keys visible to the row at or after each column: count from the right
-        after = part.flip(-1).cumsum(-1, dtype=torch.int32).flip(-1)
-        out[..., start : start + WINDOW_ROWS_PER_CHUNK, :] = part & (after <= window)
+        # A visible key is among the row's last W iff more than (total - W) visible keys lie at or
+        # before it. Counts in float32 (exact below 2**24 keys): twice as fast as int32 on CPU.
+        upto = part.cumsum(-1, dtype=torch.float32)
+        out[..., start : start + WINDOW_ROWS_PER_CHUNK, :] = part & (upto > upto[..., -1:] - window)
     return out
 
 
