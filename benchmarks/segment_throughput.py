@@ -36,11 +36,12 @@ def make_trace(rng: np.random.Generator, n: int, mix: list[float]) -> tuple[list
     return tokens.tolist(), ((first + second) / 2).tolist()
 
 
-def _run(job: tuple[list[int], list[float], float, int, int | None]) -> int:
-    tokens, scores, lam, min_blocks, max_blocks = job
-    return len(
-        segment(tokens, scores, lam=lam, min_block_tokens=200, min_blocks=min_blocks, max_blocks=max_blocks).blocks
+def _run(job: tuple[list[int], list[float], float, int, int | None, str]) -> int:
+    tokens, scores, lam, min_blocks, max_blocks, norm = job
+    result = segment(
+        tokens, scores, lam=lam, min_block_tokens=200, min_blocks=min_blocks, max_blocks=max_blocks, score_norm=norm
     )
+    return len(result.blocks)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lam", type=float, default=0.5)
     parser.add_argument("--min-blocks", type=int, default=1, help="e.g. 10: the release's 10-20 blocks per trace")
     parser.add_argument("--max-blocks", type=int, default=None, help="e.g. 20 (with --min-blocks 10)")
+    parser.add_argument("--score-norm", default="blocks", help="blocks (the release, the default) or cuts")
     parser.add_argument("--workers", type=int, default=multiprocessing.cpu_count())
     parser.add_argument("--json")
     args = parser.parse_args(argv)
@@ -59,17 +61,26 @@ def main(argv: list[str] | None = None) -> int:
         "lam": args.lam,
         "min_blocks": args.min_blocks,
         "max_blocks": args.max_blocks,
+        "score_norm": args.score_norm,
         "mixes": {},
     }
     with multiprocessing.Pool(args.workers) as pool:
         pool.map(
             _run,
-            [(*make_trace(rng, args.sentences, MIXES["uniform"]), args.lam, args.min_blocks, args.max_blocks)]
+            [
+                (
+                    *make_trace(rng, args.sentences, MIXES["uniform"]),
+                    args.lam,
+                    args.min_blocks,
+                    args.max_blocks,
+                    args.score_norm,
+                )
+            ]
             * args.workers,
         )  # warm-up
         for name, mix in MIXES.items():
             jobs = [
-                (*make_trace(rng, args.sentences, mix), args.lam, args.min_blocks, args.max_blocks)
+                (*make_trace(rng, args.sentences, mix), args.lam, args.min_blocks, args.max_blocks, args.score_norm)
                 for _ in range(args.traces)
             ]
             start = time.perf_counter()

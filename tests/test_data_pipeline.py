@@ -135,6 +135,11 @@ def test_a_trace_whose_mementos_keep_failing_is_recorded_not_guessed(tmp_path) -
     assert [r["task_id"] for r in records(tmp_path / "out/default.jsonl")] == ["t0", "t2"]
     failed = records(tmp_path / "out/failed.jsonl")
     assert len(failed) == 1 and "no memento" in failed[0]["reason"]
+    assert failed[0]["task_id"] == "t1"  # named by its id, not only by its position
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("default.jsonl", "failed.jsonl", "summary.json"):  # ordinary modes, not mkstemp's 0600
+        assert (tmp_path / "out" / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
 
 
 def test_sigkill_and_resume_gives_the_uninterrupted_output(tmp_path) -> None:
@@ -177,6 +182,11 @@ def test_sigkill_and_resume_gives_the_uninterrupted_output(tmp_path) -> None:
     # Only calls in flight at a kill can be made again (their answers never reached the cache).
     assert repeated <= kills * 4
     assert len(set(bodies)) == reference_calls
+    # The accounting adds up every run into the directory, not only the last one.
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["runs"] >= 2
+    assert summary["llm"]["requests"] > summary["llm_this_run"]["requests"]
+    assert summary["llm"]["successes"] >= reference_calls
 
 
 def test_the_output_trains_with_memento_train_unchanged(tmp_path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import random
 
 import pytest
@@ -49,24 +50,62 @@ def test_matches_brute_force_on_random_traces(norm) -> None:
 
 def test_max_blocks_caps_k_and_ties_go_to_fewer_blocks() -> None:
     tokens, scores = [100] * 8, [3] * 7
-    assert segment(tokens, scores, min_block_tokens=100).blocks == ((0, 3), (4, 7))  # K = 2, 4, 8 all score 3
+    # "cuts": K = 2, 4, 8 all score 3, ties go to fewer blocks; "blocks" (3 (K - 1) / K) wants all 8
+    assert segment(tokens, scores, min_block_tokens=100, score_norm="cuts").blocks == ((0, 3), (4, 7))
+    assert len(segment(tokens, scores, min_block_tokens=100).blocks) == 8
     rng = random.Random(3)
     for _ in range(30):
         tokens = [rng.randint(20, 90) for _ in range(9)]
         scores = [rng.choice([0, 1, 2, 3]) for _ in range(8)]
         for cap in (2, 3):
-            capped = segment(tokens, scores, min_block_tokens=60, max_blocks=cap)
-            assert len(capped.blocks) <= cap
-            assert capped.objective == pytest.approx(brute_force(tokens, scores, 0.5, 60, "cuts", max_blocks=cap)[0])
+            for norm in ("cuts", "blocks"):
+                capped = segment(tokens, scores, min_block_tokens=60, max_blocks=cap, score_norm=norm)
+                assert len(capped.blocks) <= cap
+                want = brute_force(tokens, scores, 0.5, 60, norm, max_blocks=cap)[0]
+                assert capped.objective == pytest.approx(want)
 
 
 def test_hand_example() -> None:
     # Two clear transitions (3) among weak gaps, equal sizes: cut exactly there.
     tokens = [100] * 6
     scores = [0, 3, 0, 3, 0]
-    result = segment(tokens, scores, min_block_tokens=150)
+    result = segment(tokens, scores, min_block_tokens=150, score_norm="cuts")
     assert result.blocks == ((0, 1), (2, 3), (4, 5))
     assert result.mean_score == 3.0 and result.cv == 0.0 and result.objective == 3.0
+    release = segment(tokens, scores, min_block_tokens=150)  # the same cuts, scored 6 / 3
+    assert release.blocks == result.blocks and release.objective == 2.0
+
+
+def release_formula(sizes: list[int], crossed: list[float], weight: float) -> float:
+    """The release's objective as its DP computes it (data/pipeline/segment.py): the scores of the
+    boundaries crossed (the first block crosses none) over K, less weight x CV of the token sizes."""
+    k = len(sizes)
+    avg_score = sum(crossed) / k
+    mean = sum(sizes) / k
+    variance = sum(s * s for s in sizes) / k - mean * mean
+    return avg_score - weight * (math.sqrt(max(0.0, variance)) / mean)
+
+
+def test_blocks_objective_is_the_release_formula() -> None:
+    """Hand-built cases and random ones: objective(score_norm="blocks") == the release's formula."""
+    cases = [
+        ([100, 100, 100, 100], [0, 3, 0], [1], 0.5),
+        ([120, 80, 300, 50, 250], [1, 2.5, 0, 3], [0, 2], 0.5),
+        ([200, 200, 200], [3, 3], [0, 1], 1.0),
+        ([500, 10, 10], [0.5, 1], [], 0.5),
+    ]
+    rng = random.Random(21)
+    for _ in range(50):
+        n = rng.randint(2, 12)
+        tokens = [rng.randint(1, 400) for _ in range(n)]
+        scores = [rng.choice([0, 0.5, 1, 1.5, 2, 2.5, 3]) for _ in range(n - 1)]
+        cuts = sorted(rng.sample(range(n - 1), rng.randint(0, n - 1)))
+        cases.append((tokens, scores, cuts, rng.choice([0.0, 0.5, 1.0])))
+    for tokens, scores, cuts, weight in cases:
+        bounds = [0, *(g + 1 for g in cuts), len(tokens)]
+        sizes = [sum(tokens[a:b]) for a, b in itertools.pairwise(bounds)]
+        want = release_formula(sizes, [scores[g] for g in cuts], weight)
+        assert objective(tokens, scores, cuts, lam=weight)[0] == pytest.approx(want)
 
 
 def test_the_release_norm_divides_by_the_block_count() -> None:
@@ -97,7 +136,7 @@ def test_bad_input_is_refused(tokens, scores, kwargs, message) -> None:
 
 
 def test_other_score_grids_with_resolution() -> None:
-    result = segment([100, 100, 100], [0.25, 0.75], min_block_tokens=100, resolution=0.25)
+    result = segment([100, 100, 100], [0.25, 0.75], min_block_tokens=100, resolution=0.25, score_norm="cuts")
     assert result.cuts == (1,)
 
 

@@ -262,6 +262,7 @@ def write_records(path: str | Path, records: Iterable[Mapping[str, Any]], *, for
         raise RecordSourceError(f"write_records writes jsonl or parquet, not {format!r}")
     p.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    _ordinary_mode(fd)
     tmp = Path(tmp_name)
     try:
         if format == "jsonl":
@@ -296,6 +297,7 @@ def write_json_atomic(path: str | Path, obj: Any, *, indent: int | None = None) 
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+    _ordinary_mode(fd)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(obj, f, ensure_ascii=False, indent=indent)
@@ -305,6 +307,14 @@ def write_json_atomic(path: str | Path, obj: Any, *, indent: int | None = None) 
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _ordinary_mode(fd: int) -> None:
+    """Give a temporary file the mode an ordinary new file gets (0666 less the umask): mkstemp makes
+    it 0600, and the atomic rename would hand that private mode on to the data file."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.fchmod(fd, 0o666 & ~mask)
 
 
 def pin_settings(path: str | Path, settings: Mapping[str, Any]) -> list[str]:

@@ -65,6 +65,14 @@ def data_build_command(
     min_block_tokens: Annotated[int, typer.Option("--min-block-tokens", min=0)] = 200,
     min_blocks: Annotated[int, typer.Option("--min-blocks", min=1)] = 1,
     max_blocks: Annotated[int | None, typer.Option("--max-blocks", min=1)] = None,
+    score_norm: Annotated[
+        str,
+        typer.Option(
+            "--score-norm",
+            help="Divide the chosen cut scores by the block count K (blocks: the release) or by K - 1 "
+            "(cuts: the paper's text).",
+        ),
+    ] = "blocks",
     threshold: Annotated[int, typer.Option("--threshold", min=0, max=10, help="Judge score to accept.")] = 8,
     max_rounds: Annotated[int, typer.Option("--max-rounds", min=1, help="Compress + judge rounds.")] = 2,
     limit: Annotated[int | None, typer.Option("--limit", min=1, help="Only the first N records.")] = None,
@@ -108,12 +116,13 @@ def data_build_command(
             summary = asyncio.run(run_pipeline(config, show))
     except ValueError as exc:
         fail(str(exc), code=1)
-    llm_stats = summary["llm"]
+    llm_stats, this_run = summary["llm"], summary["llm_this_run"]
+    runs = f" over {summary['runs']} runs (this one: {this_run['requests']} requests)" if summary["runs"] > 1 else ""
     Console().print(
         f"{summary['default']} memento traces, {summary['failed']} failed, of {summary['records']} records "
         f"({summary['resumed_shards']} of {summary['shards']} shards were already done); LLM: "
         f"{llm_stats['requests']} requests, {llm_stats['cache_hits']} from the cache, {llm_stats['retries']} retries, "
-        f"{llm_stats['prompt_tokens'] + llm_stats['completion_tokens']} tokens -> {output}",
+        f"{llm_stats['prompt_tokens'] + llm_stats['completion_tokens']} tokens{runs} -> {output}",
         soft_wrap=True,
     )
 

@@ -18,6 +18,7 @@ the reason, never into the data with a guessed memento.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,10 +37,16 @@ THINK_START, THINK_END = "<think>", "</think>"
 
 @dataclass
 class SegmentSettings:
+    """The segmentation objective (:func:`memento.data.segment.segment`). The defaults are the release's
+    end-to-end script: the cut scores divided by the block count K (``score_norm="blocks"``), CV
+    weight 0.5, K unconstrained, blocks of at least 200 tokens. ``score_norm="cuts"`` (divide by
+    K - 1, the mean of the chosen cut scores) is the objective as the paper's text states it."""
+
     lam: float = 0.5
     min_block_tokens: int = 200
     min_blocks: int = 1
     max_blocks: int | None = None
+    score_norm: str = "blocks"
 
 
 @dataclass
@@ -91,13 +98,20 @@ def _source_fields(record: dict[str, Any], label: Any) -> tuple[str, str, str, s
         raise TraceFailed("the record needs text fields 'problem' and 'cot' (or 'response')")
     difficulty = record.get("difficulty")
     return (
-        str(record.get("task_id", record.get("id", label))),
+        _task_id(record, label),
         problem,
         cot,
         str(record.get("domain") or ""),
         str(record.get("source") or ""),
         int(difficulty) if isinstance(difficulty, int | float) and not isinstance(difficulty, bool) else 0,
     )
+
+
+def _task_id(record: dict[str, Any] | str, label: Any) -> str:
+    """The record's task id (``task_id``, else ``id``), or its position when it has none or is unreadable."""
+    if isinstance(record, dict):
+        return str(record.get("task_id", record.get("id", label)))
+    return str(label)
 
 
 async def build_trace(
@@ -122,6 +136,7 @@ async def build_trace(
         min_block_tokens=config.segmentation.min_block_tokens,
         min_blocks=config.segmentation.min_blocks,
         max_blocks=config.segmentation.max_blocks,
+        score_norm=config.segmentation.score_norm,
     )
     block_sentences = [sentences[a : b + 1] for a, b in seg.blocks]
     blocks = ["".join(parts) for parts in block_sentences]
@@ -213,6 +228,32 @@ def _merge(config: PipelineConfig, shards: int) -> dict[str, int]:
 # -- the run ------------------------------------------------------------------------------------
 
 
+ACCOUNTING_FILE = "accounting.json"
+"""The LLM accounting of every run into an output, summed (rewritten after each shard, so a killed
+run loses at most its shards in flight); summary.json reports it."""
+
+
+def add_stats(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Two LLM accountings (``LLMStats.as_dict``) summed: counts, tokens, cost and the per-kind tallies."""
+    out = dict(a)
+    for key, value in b.items():
+        if isinstance(value, dict):
+            merged = dict(out.get(key) or {})
+            for kind, n in value.items():
+                merged[kind] = merged.get(kind, 0) + n
+            out[key] = merged
+        else:
+            out[key] = out.get(key, 0) + value
+    return out
+
+
+def _earlier_accounting(config: PipelineConfig) -> dict[str, Any]:
+    path = config.output / ACCOUNTING_FILE
+    if not path.exists():
+        return {"runs": 0, "llm": {}, "judge_llm": {}}
+    return json.loads(path.read_text())
+
+
 def _token_counter(tokenizer: str | None) -> Callable[[str], int]:
     from memento.tokens import load_tokenizer
 
@@ -233,6 +274,7 @@ async def run_pipeline(config: PipelineConfig, progress: Callable[[int, int], No
     gate = asyncio.Semaphore(config.traces_in_flight)
     finished = sum(min(size, len(items) - s * size) for s in done)
     total = len(items)
+    earlier = _earlier_accounting(config)
     if progress:
         progress(finished, total)
 
@@ -251,26 +293,47 @@ async def run_pipeline(config: PipelineConfig, progress: Callable[[int, int], No
                             raise TraceFailed(f"unreadable record: {record}")
                         result = await build_trace(record, label, client, judge, config, count_tokens)
                     except TraceFailed as err:
-                        result = {"failed": {"record": label, "reason": str(err)}}
+                        result = {"failed": {"record": label, "task_id": _task_id(record, label), "reason": str(err)}}
                 finished += 1
                 if progress:
                     progress(finished, total)
                 return result
 
+            def save_accounting() -> dict[str, Any]:
+                totals = {
+                    "runs": earlier["runs"] + 1,
+                    "llm": add_stats(earlier["llm"], client.stats.as_dict()),
+                    "judge_llm": add_stats(earlier["judge_llm"], judge.stats.as_dict() if judge else {}),
+                }
+                write_json_atomic(config.output / ACCOUNTING_FILE, totals, indent=1)
+                return totals
+
             async def shard_job(shard: int) -> None:
                 indices = range(shard * size, min((shard + 1) * size, len(items)))
                 results = await asyncio.gather(*(one(i) for i in indices))
                 _write_shard(config, shard, list(results))
+                save_accounting()
 
             await asyncio.gather(*(shard_job(s) for s in todo))
         finally:
             if judge is not None:
                 await judge.__aexit__(None, None, None)
+        totals = save_accounting()
         stats = client.stats.as_dict()
         judge_stats = judge.stats.as_dict() if judge is not None else None
     counts = _merge(config, shards)
-    summary = {"records": total, "shards": shards, "resumed_shards": len(done), **counts, "llm": stats}
+    summary = {
+        "records": total,
+        "shards": shards,
+        "resumed_shards": len(done),
+        **counts,
+        "runs": totals["runs"],
+        "llm": totals["llm"],
+        "llm_this_run": stats,
+    }
+    if totals["judge_llm"]:
+        summary["judge_llm"] = totals["judge_llm"]
     if judge_stats is not None:
-        summary["judge_llm"] = judge_stats
+        summary["judge_llm_this_run"] = judge_stats
     write_json_atomic(config.output / "summary.json", summary, indent=1)
     return summary
