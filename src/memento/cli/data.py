@@ -77,6 +77,19 @@ def data_build_command(
     max_rounds: Annotated[int, typer.Option("--max-rounds", min=1, help="Compress + judge rounds.")] = 2,
     limit: Annotated[int | None, typer.Option("--limit", min=1, help="Only the first N records.")] = None,
     split: Annotated[str | None, typer.Option("--split")] = None,
+    price_per_1k_prompt: Annotated[
+        float, typer.Option("--price-per-1k-prompt", min=0.0, help="Price of 1,000 prompt tokens (cost reports).")
+    ] = 0.0,
+    price_per_1k_completion: Annotated[
+        float, typer.Option("--price-per-1k-completion", min=0.0, help="Price of 1,000 output tokens.")
+    ] = 0.0,
+    estimate: Annotated[
+        bool,
+        typer.Option(
+            "--estimate",
+            help="Only count the LLM requests and tokens the build will make, and their price; call nothing.",
+        ),
+    ] = False,
     progress: ProgressOpt = True,
 ) -> None:
     """Turn plain reasoning traces into memento traces with any OpenAI-compatible LLM. Resumable.
@@ -111,6 +124,9 @@ def data_build_command(
             segmentation=settings_from(SegmentSettings, options),
             summarize=settings_from(SummarizeSettings, options),
         )
+        if estimate:
+            _print_estimate(config)
+            return
         console = Console(stderr=True)
         with progress_bar("traces", console, enabled=progress and stderr_is_terminal(), elapsed=True) as show:
             summary = asyncio.run(run_pipeline(config, show))
@@ -123,6 +139,43 @@ def data_build_command(
         f"({summary['resumed_shards']} of {summary['shards']} shards were already done); LLM: "
         f"{llm_stats['requests']} requests, {llm_stats['cache_hits']} from the cache, {llm_stats['retries']} retries, "
         f"{llm_stats['prompt_tokens'] + llm_stats['completion_tokens']} tokens{runs} -> {output}",
+        soft_wrap=True,
+    )
+
+
+def _print_estimate(config: PipelineConfig) -> None:
+    """The LLM work of the build, from its inputs and settings, before any call (memento.data.estimate)."""
+    from memento.data.estimate import estimate_build
+    from memento.data.pipeline import read_inputs
+    from memento.tokens import load_tokenizer
+
+    records = (record for _, record in read_inputs(config))
+    result = estimate_build(
+        records,
+        load_tokenizer(config.tokenizer).count,
+        boundaries=config.boundaries,
+        summarize=config.summarize,
+    )
+    llm = config.llm
+    low, high = result.price(llm.price_per_1k_prompt, llm.price_per_1k_completion)
+    table = Table(title=f"memento data build --estimate: {result.records} records, {result.traces} traces")
+    for column in ("calls", "requests", "prompt tokens", "output tokens"):
+        table.add_column(column, justify="right" if column != "calls" else "left")
+    rows = [
+        ("boundary scores (exact count)", result.boundaries),
+        ("mementos, every one accepted at once", result.mementos_low),
+        (f"mementos, {config.summarize.max_rounds} rounds each", result.mementos_high),
+    ]
+    for name, calls in rows:
+        table.add_row(name, f"{calls.requests:,}", f"{calls.prompt_tokens:,}", f"{calls.output_tokens:,}")
+    console = Console()
+    console.print(table)
+    assumed = result.assumptions
+    console.print(
+        f"{result.sentences:,} sentences, {result.think_tokens:,} thinking tokens, ~{result.blocks:,} blocks "
+        f"(assumed: {assumed['block_tokens']} tokens per block, {assumed['memento_tokens']} per memento, "
+        f"{assumed['judge_tokens']} per judge answer). Price at {llm.price_per_1k_prompt} / "
+        f"{llm.price_per_1k_completion} per 1K prompt / output tokens: {low:,.2f} to {high:,.2f}.",
         soft_wrap=True,
     )
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -195,13 +195,16 @@ def _check_settings(config: PipelineConfig) -> None:
         )
 
 
+def read_inputs(config: PipelineConfig) -> Iterator[tuple[Any, dict[str, Any] | str]]:
+    """The build's input records in order, as (label, record); an unreadable one as its error text."""
+    for count, (label, record) in enumerate(read_records(config.input, split=config.split)):
+        if config.limit is not None and count >= config.limit:
+            return
+        yield label, str(record) if isinstance(record, RecordReadError) else record
+
+
 def _read_input(config: PipelineConfig) -> list[tuple[Any, dict[str, Any] | str]]:
-    items: list[tuple[Any, dict[str, Any] | str]] = []
-    for label, record in read_records(config.input, split=config.split):
-        items.append((label, str(record) if isinstance(record, RecordReadError) else record))
-        if config.limit is not None and len(items) >= config.limit:
-            break
-    return items
+    return list(read_inputs(config))
 
 
 def _write_shard(config: PipelineConfig, shard: int, results: list[dict[str, Any]]) -> None:
