@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import re
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -326,3 +329,21 @@ def test_property_arbitrary_text_round_trips(text: str) -> None:
     assert (sentences == []) == (text == "")
     if text:
         check_cover(text, sentences)
+
+
+EXAMPLE_TRACE = Path(__file__).parent / "data" / "example_trace.jsonl"
+"""The release's own example trace (microsoft/memento, MIT: see data/example_trace.LICENSE.md)."""
+
+
+def test_the_release_example_trace_is_split_whole_and_without_cutting_a_formula() -> None:
+    record = json.loads(EXAMPLE_TRACE.read_text())
+    assert record["task_id"] == "ot3-train-0000030"
+    before, inside, after = split_think(record["cot"])
+    assert (before, after) == ("<think>", "</think>")
+    units = split_sentences(inside)
+    assert "".join(u.text for u in units) == inside
+    for unit in units:  # 73 inline formulas in the trace, none cut
+        assert len(re.findall(r"\\\(", unit.text)) == len(re.findall(r"\\\)", unit.text)), unit.text[:120]
+    # Pinned as it stands. Issue 21 asks for the paper's merges, which should bring this within 15% of
+    # the release's splitter (216 units; the paper reports ~187 after merging): update it then.
+    assert len(units) == 409
