@@ -71,3 +71,19 @@ def test_the_release_example_trace() -> None:
     estimate = estimate_build([record], load_tokenizer(None).count)
     assert estimate.sentences == 409
     assert estimate.boundaries.requests == -(-408 // 15) + -(-408 // 10) == 69
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--score-norm", "mean"], "score_norm must be one of cuts, blocks"),
+        (["--min-blocks", "5", "--max-blocks", "3"], "below"),
+    ],
+)
+def test_bad_segmentation_settings_are_refused_before_any_call(tmp_path, extra, message) -> None:
+    input_path = tmp_path / "in.jsonl"
+    write_input(input_path, 2)
+    with ScriptedLLM(responder=responder) as server:
+        result = CliRunner().invoke(app, [*build_args(input_path, tmp_path / "out", server.base_url), *extra])
+        assert server.call_count == 0
+    assert result.exit_code == 1 and message in result.output

@@ -26,7 +26,7 @@ from typing import Any
 
 from memento.data.boundaries import BoundarySettings, score_boundaries
 from memento.data.llm import LLMClient, LLMConfig
-from memento.data.segment import segment
+from memento.data.segment import SCORE_NORMS, segment
 from memento.data.sentences import split_sentences, split_think
 from memento.data.summarize import SummarizeSettings, summarize_trace
 from memento.format import MementoTrace, MementoUnit, TraceLayout, record_from_trace
@@ -47,6 +47,13 @@ class SegmentSettings:
     min_blocks: int = 1
     max_blocks: int | None = None
     score_norm: str = "blocks"
+
+    def __post_init__(self) -> None:
+        # Refused here, before any LLM call, rather than by the segmenter after a trace's scoring is paid for.
+        if self.score_norm not in SCORE_NORMS:
+            raise ValueError(f"score_norm must be one of {', '.join(SCORE_NORMS)}, not {self.score_norm!r}")
+        if self.max_blocks is not None and self.max_blocks < self.min_blocks:
+            raise ValueError(f"max_blocks ({self.max_blocks}) is below min_blocks ({self.min_blocks})")
 
 
 @dataclass
