@@ -129,3 +129,31 @@ def family_model(tokenizer, arch: str, impl: str = "sdpa", seed: int = 0):
         tie_word_embeddings=False,
         **FAMILY_ARCHS[arch],
     ).eval()
+
+
+def family_checkpoint(family: str, path, *, memento_tokens: bool, window: int = FAMILY_WINDOW):
+    """A family's tiny checkpoint saved to ``path``: its byte-level BPE tokenizer and chat template and
+    a 4-layer, 64-wide model (head_dim 32: vLLM's CPU kernels need it), sliding ``window`` where the
+    family slides. ``memento_tokens=False`` is a base checkpoint as a user has one (``memento train``
+    adds them); True adds them as training would."""
+    from memento.families import FAMILIES, build_family_tokenizer
+    from memento.modeling import add_memento_tokens
+
+    spec = FAMILIES[family]
+    tokenizer = build_family_tokenizer(family)
+    model = build_tiny_model(
+        tokenizer,
+        arch=spec.tiny_arch,
+        hidden_size=64,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        num_hidden_layers=4,
+        intermediate_size=128,
+        tie_word_embeddings=False,
+        **({"sliding_window": window} if spec.sliding_window else {}),
+    )
+    if memento_tokens:
+        add_memento_tokens(tokenizer, model)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

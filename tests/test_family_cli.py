@@ -16,7 +16,7 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from helpers import records
+from helpers import family_checkpoint, records
 from memento.cli import app
 from memento.families import FAMILIES, build_family_tokenizer, default_mask, family_of
 from memento.format import SpecialTokenIds
@@ -27,33 +27,12 @@ MEMENTO = Path(sys.executable).parent / "memento"
 runner = CliRunner()
 
 
-def base_checkpoint(family: str, path: Path) -> Path:
-    """A family's tiny base checkpoint as a user would have one: no memento tokens yet."""
-    spec = FAMILIES[family]
-    tokenizer = build_family_tokenizer(family)
-    window = {"sliding_window": 8} if spec.sliding_window else {}
-    model = build_tiny_model(
-        tokenizer,
-        arch=spec.tiny_arch,
-        hidden_size=64,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        num_hidden_layers=4,
-        intermediate_size=128,
-        tie_word_embeddings=False,
-        **window,
-    )
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def trained(request, tmp_path_factory):
     """(family, stage-2 model directory) after `memento train --model DIR` with no mask flags."""
     family = request.param
     root = tmp_path_factory.mktemp(family)
-    base = base_checkpoint(family, root / "base")
+    base = family_checkpoint(family, root / "base", memento_tokens=False)
     data = root / "train.jsonl"
     write_records(data, records(6, blocks=3))
     files = ["--model", str(base), "--train", str(data), "--eval", str(data), "--output", str(root / "run")]

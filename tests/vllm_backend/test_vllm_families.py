@@ -22,7 +22,7 @@ import vllm
 from test_vllm_consistency import TOLERANCE, dense, reference_logprobs
 from vllm_support import FORCE, ForcedTokens, free_blocks, scheduler_of
 
-from helpers import memento_case
+from helpers import family_checkpoint, memento_case
 from memento.masking import MaskConfig
 from memento.modeling import build_tiny_model, layer_windows
 from memento.vllm.config import MementoSettings
@@ -86,32 +86,10 @@ def families(tok, tmp_path_factory):
         assert max((w - o).abs().max().item() for w, o in zip(want, other, strict=True)) > 100 * TOLERANCE
         out[arch] = (path, model.config.vocab_size, refs)
     for family in ("phi4", "olmo3"):  # built here too: no Olmo 3 can be built once an engine ran
-        out["serve", family] = memento_checkpoint(family, tmp_path_factory.mktemp(f"serve-{family}"))
+        out["serve", family] = family_checkpoint(
+            family, tmp_path_factory.mktemp(f"serve-{family}"), memento_tokens=True
+        )
     return out
-
-
-def memento_checkpoint(family: str, path):
-    """A family's tiny memento checkpoint: its byte-level BPE tokenizer and template, memento tokens added."""
-    from memento.families import FAMILIES, build_family_tokenizer
-    from memento.modeling import add_memento_tokens
-
-    spec = FAMILIES[family]
-    tokenizer = build_family_tokenizer(family)
-    model = build_tiny_model(
-        tokenizer,
-        arch=spec.tiny_arch,
-        hidden_size=64,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        num_hidden_layers=4,
-        intermediate_size=128,
-        tie_word_embeddings=False,
-        **({"sliding_window": WINDOW} if spec.sliding_window else {}),
-    )
-    add_memento_tokens(tokenizer, model)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 @pytest.mark.parametrize("mode", list(MODES))
