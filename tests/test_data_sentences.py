@@ -15,7 +15,7 @@ from memento.data.sentences import Sentence, sentence_texts, split_sentences, sp
 
 
 def raw(text: str) -> list[str]:
-    """Sentence texts with the short-fragment merge off (the other merges still apply)."""
+    """Sentence texts with the short-fragment merge off (the joins still apply)."""
     return sentence_texts(text, min_tokens=0)
 
 
@@ -156,8 +156,10 @@ def test_display_math_brackets_and_environments() -> None:
 
 
 def test_inline_math_is_not_split() -> None:
-    assert raw("Here $a.b$ and $c. D$ are small. Also \\(x. Y\\) is. Next.") == [
+    # (A sentence without math between them keeps the two short math sentences from joining as steps.)
+    assert raw("Here $a.b$ and $c. D$ are small. Nothing else is here. Also \\(x. Y\\) is. Next.") == [
         "Here $a.b$ and $c. D$ are small. ",
+        "Nothing else is here. ",
         "Also \\(x. Y\\) is. ",
         "Next.",
     ]
@@ -175,18 +177,16 @@ def test_table_rows_stay_together() -> None:
     ]
 
 
-def test_list_items_start_units() -> None:
-    assert raw("1. First.\n2. Second.") == ["1. First.\n", "2. Second."]
-    assert raw("Steps:\n- take one\n* take two\n+ take three\n3) take four\n10. take ten") == [
-        "Steps:\n- take one\n",  # the colon joins the first item
-        "* take two\n",
-        "+ take three\n",
-        "3) take four\n",
-        "10. take ten",
-    ]
+def test_list_items_start_units_and_a_list_stays_together() -> None:
+    items = "- take one\n* take two\n+ take three\n3) take four\n10. take ten"
+    assert raw(f"We plan it all now.\n{items}") == ["We plan it all now.\n", items]
+    assert raw(f"Steps:\n{items}") == [f"Steps:\n{items}"]  # the colon joins the list
+    assert raw("1. First.\n2. Second.") == ["1. First.\n2. Second."]
     # The enumeration dot is not a sentence end, at a line start or inline after a sentence end/colon.
     assert raw("1. Compute it. Check it.") == ["1. Compute it. ", "Check it."]
     assert raw("Plan: 1. Do X. 2. Do Y.") == ["Plan: 1. Do X. ", "2. Do Y."]
+    # Only consecutive items join: a sentence that is not an item ends the run.
+    assert raw("1. Compute it. Check it.\n2. Next we go on.") == ["1. Compute it. ", "Check it.\n", "2. Next we go on."]
 
 
 def test_headings_start_units() -> None:
@@ -216,6 +216,54 @@ def test_continuation_needs_the_whole_word() -> None:
     assert raw("We rest. Sophie came. Thusly no.") == ["We rest. ", "Sophie came. ", "Thusly no."]
 
 
+def test_unfinished_math_line_joins_the_math_that_goes_on() -> None:
+    # Neither unit is a short step (over 30 words), so only the unfinished line joins them.
+    pad = " ".join(["word"] * 30)
+    open_line = f"We rewrite it as {pad} 2x + 3y = 7\n\n"
+    nxt = f"Again 4x = 8 {pad} here.\n\n"
+    last = f"After that $y = 2$ {pad} too."
+    assert raw(open_line + nxt + last) == [open_line + nxt, last]  # the second line ends a sentence
+    # Without math on both sides the unfinished line does not join.
+    plain = f"We rewrite it as {pad} and so on\n\n"
+    assert raw(plain + nxt) == [plain, nxt]
+    # An ellipsis leaves the line unfinished too; ";" finishes it.
+    assert raw(open_line.replace("\n\n", "...\n\n") + nxt) == [open_line.replace("\n\n", "...\n\n") + nxt]
+    assert raw(open_line.replace("\n\n", ";\n\n") + nxt) == [open_line.replace("\n\n", ";\n\n"), nxt]
+
+
+def test_short_math_steps_join() -> None:
+    steps = "We get $x = 2$ from the first equation.\n\nThe second one gives 2 * 4 = 8 here.\n\n"
+    prose = "We are done with this part of the problem now."
+    assert raw(steps + prose) == [steps, prose]
+    # Math outside markup: relations, arrows, math signs, arithmetic between numbers, TeX commands.
+    for mathy in ["a = b", "t^2", "√3", "t²", "3/4", "(16 - 4)", "x → y", "\\frac{1}{2}"]:
+        assert len(raw(f"First we note {mathy} here.\n\nNext we note $z$ there.")) == 1, mathy
+    # Not math: a word with a hyphen, a dash between words, signs inside code.
+    for plain in ["well-known", "one - two", "`a = b`", "the end"]:
+        assert len(raw(f"First we note {plain} here.\n\nNext we note $z$ there.")) == 2, plain
+    # Steps join while the joined unit has at most 30 words.
+    pad = " ".join(["word"] * 18)
+    assert len(raw(f"We get $x = 2$ {pad} here.\n\nWe get $y = 3$ there.")) == 1  # 24 + 6 words
+    assert len(raw(f"We get $x = 2$ {pad} too here.\n\nWe get $y = 3$ there.")) == 2  # 25 + 6 words
+    step = "We find that $x = 2$ holds in this case.\n\n"  # 10 words
+    assert raw(step * 4) == [step * 3, step]
+
+
+def test_short_fragments_merge_before_the_joins() -> None:
+    # "So:" merges into the sentence before it, whose colon then brings in the formula; with the joins
+    # first, "So:" would have joined the formula and left the sentence before it alone.
+    text = "We check the first case carefully now.\n\nSo:\n\n$$x + y + z = 1 + 2 + 3$$\n\nThe next case differs here."
+    assert sentence_texts(text) == [
+        "We check the first case carefully now.\n\nSo:\n\n$$x + y + z = 1 + 2 + 3$$\n\n",
+        "The next case differs here.",
+    ]
+    assert raw(text) == [
+        "We check the first case carefully now.\n\n",
+        "So:\n\n$$x + y + z = 1 + 2 + 3$$\n\n",
+        "The next case differs here.",
+    ]
+
+
 def test_short_fragments_merge_into_the_previous_or_next() -> None:
     text = "Ok. We compute the sum of all the terms. Yes. And that is it for real now. Hmm."
     assert sentence_texts(text) == [
@@ -238,17 +286,21 @@ def test_math_runs_merge() -> None:
         "2x + 3 = 7\n\n2x = 4\n$$x = 2$$\n\\[x > 1\\]\n",
         "The solution is two here.",
     ]
-    # An equation line inside prose becomes its own unit (and merges back when short).
+    # An equation line inside prose is cut around, and joins back: it goes on the unfinished sentence
+    # introducing it, and the lowercase line after it goes on the same sentence.
     assert raw("The total is\nx + y = 12\nwhich is even. Next.") == [
-        "The total is\n",
-        "x + y = 12\n",
-        "which is even. ",
+        "The total is\nx + y = 12\nwhich is even. ",
         "Next.",
     ]
-    # Prose that mentions math is not pure math.
-    assert raw("Let $x = 2$ be given.\n\nLet $y = 3$ be given.") == [
-        "Let $x = 2$ be given.\n\n",
-        "Let $y = 3$ be given.",
+    # Prose that mentions math is not pure math: sentences that mention it, too long to be steps, stay apart.
+    pad = " ".join(["word"] * 30)
+    first, second = f"Let $x = 2$ be given {pad}.\n\n", f"Let $y = 3$ be given {pad}."
+    assert raw(first + second) == [first, second]
+    # A blank line is a paragraph break: a lowercase line after it does not join the unfinished unit.
+    assert raw("The total is\nx + y = 12\n\nwhich is even. Next.") == [
+        "The total is\nx + y = 12\n\n",
+        "which is even. ",
+        "Next.",
     ]
 
 
@@ -344,6 +396,7 @@ def test_the_release_example_trace_is_split_whole_and_without_cutting_a_formula(
     assert "".join(u.text for u in units) == inside
     for unit in units:  # 73 inline formulas in the trace, none cut
         assert len(re.findall(r"\\\(", unit.text)) == len(re.findall(r"\\\)", unit.text)), unit.text[:120]
-    # Pinned as it stands. Issue 21 asks for the paper's merges, which should bring this within 15% of
-    # the release's splitter (216 units; the paper reports ~187 after merging): update it then.
-    assert len(units) == 409
+    # The release's splitter (microsoft/memento, data/pipeline/sentence_split.py) gives 216 units on this
+    # trace; issue 21 asks for a count within 15% of it (our splitter gave 409 before the paper's merges).
+    assert len(units) == 231
+    assert abs(len(units) - 216) <= 0.15 * 216

@@ -14,11 +14,32 @@ works in two passes, both linear in the length of the trace:
    markup start. A single ``.`` is not a sentence end after an abbreviation (``e.g.``, ``Fig.``,
    ...) or after an enumeration number at a list start (``1. First``, ``Steps: 1. Do``). Decimals
    (``3.14``) never qualify because a sentence end needs whitespace after it.
-2. **Merge** (as the MEMENTO paper does): a unit ending in ``:`` joins the next; a unit starting
-   with a continuation word (``Therefore``, ``Thus``, ``So``, ``Hence``, ``Then`` followed by a
-   comma or whitespace) joins the previous; consecutive pure-math units (only display/inline math
-   and equation lines) join into one; finally, fragments under ``min_tokens`` tokens merge into the
-   previous unit (into the next one when they come first).
+2. **Merge**, following the MEMENTO paper and the release's splitter (microsoft/memento,
+   ``data/pipeline/sentence_split.py``), in two steps:
+
+   a. *Fragments*: a unit under ``min_tokens`` tokens merges into the previous unit (into the next
+      one when it comes first), before the joins below, so a short label such as ``So:`` or
+      ``Simplify:`` goes with the text before it and its colon then brings in what it introduces.
+   b. *Joins*, in order of the text: a unit joins the group before it when
+
+      - the previous unit ends in ``:`` (it introduces this one: a formula, a list, a sentence);
+      - it starts with a continuation word (``Therefore``, ``Thus``, ``So``, ``Hence``, ``Then``
+        followed by a comma or whitespace);
+      - both are pure math (only display/inline math and equation lines): a run of math;
+      - the previous unit is unfinished (its last character is not ``.``, ``!``, ``?``, ``:`` or
+        ``;``, or it ends in ``...``) and this one is pure math, holds math as the previous one
+        does, or starts with a lowercase letter on the next line (no blank line between): an
+        equation line joins the sentence introducing it, the text after it goes on with it, and a
+        derivation goes on until a line ends a sentence;
+      - both hold math and the group joined with this unit has at most 30 (whitespace-separated)
+        words: short steps of a computation join while the joined unit stays short;
+      - both start a list item (``-``, ``*``, ``+``, ``1.``, ``1)``): a list stays together.
+
+      A unit "holds math" when it has a math span, or outside code a relation, arrow or math sign
+      (``=``, ``<``, ``→``, ``^``, ``√``, ``²``, ...), a TeX command, or arithmetic between numbers
+      (``3/4``, ``2 * 8``).
+
+   Merges only ever remove cuts, so fenced code, display math and inline math stay whole.
 
 Offsets are exact: every cut sits on the first non-whitespace character of a unit, so the
 whitespace between two sentences ends the preceding one, and the sentences are contiguous and
@@ -109,6 +130,11 @@ _DIGIT = re.compile(r"\d")
 _PUNCT_ONLY = re.compile(r"[.,;:!?]+")
 
 _CONTINUATION = re.compile(r"(?:Therefore|Thus|So|Hence|Then)(?:,|\s)")
+_FINISHED = frozenset(".!?:;")  # a unit whose last character is one of these (but not "...") is finished
+_MATH_STEP_WORDS = 30  # short steps of a computation join while the joined unit has at most this many words
+# Math outside markup: a relation, an arrow, a math sign or a TeX command (``x = 1``, ``t^2``, ``√3``, ``t²``,
+# ``\frac``), or arithmetic between numbers (``3/4``, ``2 * 8``, ``(16 - 4)``).
+_MATH_SIGN = re.compile(r"[=<>≤≥≠≈≡⇒→⟹∈∝≅≃∼^√∛±×÷·∑∏∫²³]|\\[A-Za-z]|[\d)][ \t]*[-+*/][ \t]*[\d(]")
 
 
 # --- pass 1: protected spans ------------------------------------------------------------------
@@ -303,6 +329,29 @@ def _pure_math(text: str, a: int, b: int, starts: list[int], ends: list[int], ki
     return n_math > 0
 
 
+def _has_math(text: str, a: int, b: int, starts: list[int], ends: list[int], kinds: list[int]) -> bool:
+    """Does ``text[a:b]`` hold any math: a math span, or a math sign or arithmetic outside code?"""
+    i = bisect_left(starts, a)
+    nspans = len(starts)
+    j = i
+    while j < nspans and starts[j] < b:
+        if kinds[j] in _MATH_KINDS:
+            return True
+        j += 1
+    pos = a
+    while True:
+        m = _MATH_SIGN.search(text, pos, b)
+        if m is None:
+            return False
+        q = m.start()
+        while i < nspans and ends[i] <= q:
+            i += 1
+        if i < nspans and starts[i] <= q:  # inside code: go on after it
+            pos = ends[i]
+            continue
+        return True
+
+
 # --- pass 1: cuts -----------------------------------------------------------------------------
 
 
@@ -440,6 +489,11 @@ def _word_count(s: str) -> int:
     return len(s.split())
 
 
+def _one_line(text: str, k: int, a: int) -> bool:
+    """Is there no blank line between ``text[k]`` and ``text[a]``?"""
+    return text.count("\n", k + 1, a) <= 1
+
+
 def split_sentences(
     trace: str, *, min_tokens: int = 5, count_tokens: Callable[[str], int] | None = None
 ) -> list[Sentence]:
@@ -450,41 +504,59 @@ def split_sentences(
     """
     if not trace:
         return []
-    count = count_tokens or _word_count
     starts, ends, kinds = _find_spans(trace)
     bounds = [0, *_cuts(trace, starts, ends, kinds), len(trace)]
 
-    # Pairwise joins between unit i and unit i + 1 (colon, continuation word, math run).
-    math_prev = colon_prev = False
-    groups: list[tuple[int, int]] = []
+    # 1. Short fragments: into the previous unit, or into the next one when they come first. Units keep
+    # their word counts (cuts follow whitespace, so the words of merged units add up).
+    units: list[tuple[int, int, int]] = []
+    pending = pending_words = -1  # a leading short run waiting for the next unit
     for i in range(len(bounds) - 1):
         a, b = bounds[i], bounds[i + 1]
-        is_math = _pure_math(trace, a, b, starts, ends, kinds)
-        if groups and (colon_prev or (math_prev and is_math) or _CONTINUATION.match(trace, a)):
-            groups[-1] = (groups[-1][0], b)
+        piece = trace[a:b]
+        words = _word_count(piece)
+        if pending >= 0:
+            a, words, pending = pending, words + pending_words, -1
+            piece = trace[a:b]
+        if (words if count_tokens is None else count_tokens(piece)) < min_tokens:
+            if units:
+                units[-1] = (units[-1][0], b, units[-1][2] + words)
+            else:
+                pending, pending_words = a, words
+            continue
+        units.append((a, b, words))
+    if pending >= 0:  # everything was short: one unit
+        units.append((pending, len(trace), pending_words))
+
+    # 2. Joins: each unit joins the group before it when the two hold together (module docstring).
+    merged: list[tuple[int, int]] = []
+    colon = is_open = math = has_math = item = False  # what the previous unit was
+    k = 0  # the previous unit's last non-whitespace character
+    group_words = 0  # words in merged[-1]
+    for a, b, words in units:
+        cur_math = _pure_math(trace, a, b, starts, ends, kinds)
+        cur_has_math = cur_math or _has_math(trace, a, b, starts, ends, kinds)
+        cur_item = _LIST.match(trace, a) is not None
+        if merged and (
+            colon
+            or _CONTINUATION.match(trace, a) is not None
+            or (cur_math and math)
+            or (is_open and (cur_math or (has_math and cur_has_math)))
+            or (is_open and trace[a].islower() and _one_line(trace, k, a))
+            or (has_math and cur_has_math and group_words + words <= _MATH_STEP_WORDS)
+            or (cur_item and item)
+        ):
+            merged[-1] = (merged[-1][0], b)
+            group_words += words
         else:
-            groups.append((a, b))
-        math_prev = is_math
+            merged.append((a, b))
+            group_words = words
         k = b - 1
         while k > a and trace[k].isspace():
             k -= 1
-        colon_prev = trace[k] == ":"
-
-    # Short fragments: into the previous group, or into the next one when first.
-    merged: list[tuple[int, int]] = []
-    pending = -1  # start of a leading short run waiting for the next group
-    for a, b in groups:
-        if pending >= 0:
-            a, pending = pending, -1
-        if count(trace[a:b]) < min_tokens:
-            if merged:
-                merged[-1] = (merged[-1][0], b)
-            else:
-                pending = a
-            continue
-        merged.append((a, b))
-    if pending >= 0:  # everything was short: one unit
-        merged.append((pending, len(trace)))
+        colon = trace[k] == ":"
+        is_open = trace[k] not in _FINISHED or trace.endswith("...", a, k + 1)
+        math, has_math, item = cur_math, cur_has_math, cur_item
     return [Sentence(trace[a:b], a, b) for a, b in merged]
 
 
