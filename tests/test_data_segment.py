@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import random
+import re
+import statistics
+from pathlib import Path
 
 import pytest
 
 from memento.data.segment import objective, segment
+from memento.data.sentences import Sentence, split_sentences, split_think
+from memento.tokens import load_tokenizer
 
 
 def brute_force(tokens, scores, lam, min_block, norm, max_blocks=None):
@@ -161,6 +167,31 @@ def test_the_bounds_do_not_change_the_optimum_on_long_traces(norm) -> None:
         assert kwargs["min_blocks"] <= len(fast.blocks) <= (kwargs["max_blocks"] or n)
 
 
+def test_the_bounds_hold_on_awkward_traces() -> None:
+    """Empty sentences, missing scores, lam 0, forced counts no quick start can meet: still exact."""
+    rng = random.Random(12)
+    for _ in range(40):
+        n = rng.randint(20, 50)
+        tokens = [rng.choice([0, rng.randint(1, 30), rng.randint(20, 120), rng.randint(150, 400)]) for _ in range(n)]
+        scores = [None if rng.random() < 0.2 else rng.choice([0, 0.5, 1, 2, 2.5, 3]) for _ in range(n - 1)]
+        kwargs = {
+            "lam": rng.choice([0.0, 0.5, 2.0]),
+            "min_block_tokens": rng.choice([0, 100, 300]),
+            "min_blocks": rng.choice([1, 3, 9]),
+            "score_norm": rng.choice(["cuts", "blocks"]),
+        }
+        fast, slow = segment(tokens, scores, **kwargs), segment(tokens, scores, prune=False, **kwargs)
+        assert fast.objective == pytest.approx(slow.objective, abs=1e-9), (tokens, scores, kwargs)
+    for _ in range(60):  # a block of empty sentences is a block when the minimum is 0, as the definition says
+        n = rng.randint(2, 9)
+        tokens = [rng.choice([0, 0, rng.randint(1, 60)]) for _ in range(n)]
+        scores = [rng.choice([0, 1, 2.5, 3]) for _ in range(n - 1)]
+        norm, least = rng.choice(["cuts", "blocks"]), rng.choice([0, 20])
+        want = brute_force(tokens, scores, 0.5, least, norm)[0]
+        got = segment(tokens, scores, min_block_tokens=least, score_norm=norm)
+        assert got.objective == pytest.approx(want, abs=1e-9), (tokens, scores, least, norm)
+
+
 def test_min_blocks_matches_brute_force() -> None:
     rng = random.Random(5)
     for _ in range(40):
@@ -180,3 +211,49 @@ def test_min_blocks_matches_brute_force() -> None:
         if best > -float("inf"):
             assert len(got.blocks) >= want
             assert got.objective == pytest.approx(best, abs=1e-9)
+
+
+# A stand-in for the boundary scorer on the release's example trace, following the rubric the LLM is
+# given (memento.data.boundaries.SYSTEM): no cut inside a paragraph or after ':' / '=' (0); a new
+# paragraph (1); one that opens a new step (2); one that ends a phase: a new approach, a check, the
+# answer (3). Real scores are not available offline; this keeps the fixture's segmentation honest.
+_PHASE = re.compile(
+    r"(?:Alternatively|Another (?:approach|way|method)|Let me (?:check|verify|double-check)|Let's (?:check|verify)"
+    r"|(?:So|Therefore|Thus|Hence),? the (?:answer|final|solutions?|common)|In conclusion|To verify|Verification)\b"
+)
+_STEP = re.compile(r"(?:Wait|Hmm|But|Now|Let me|Let's|First|Second|Next|Then|So|Hold on|Okay|Alright|Maybe|Perhaps)\b")
+
+
+def rubric_scores(units: list[Sentence]) -> list[int]:
+    scores = []
+    for before, after in itertools.pairwise(units):
+        body = before.text.rstrip()
+        new_paragraph = before.text[len(body) :].count("\n") >= 2
+        if not new_paragraph or body.endswith((":", "=")):
+            scores.append(0)
+        elif _PHASE.match(after.text):
+            scores.append(3)
+        elif _STEP.match(after.text):
+            scores.append(2)
+        else:
+            scores.append(1)
+    return scores
+
+
+def test_the_release_example_trace_gets_blocks_of_a_realistic_size() -> None:
+    """The default objective (the release's) on the release's own trace: blocks of 500-2,000 tokens."""
+    record = json.loads((Path(__file__).parent / "data" / "example_trace.jsonl").read_text())
+    units = split_sentences(split_think(record["cot"])[1])
+    scores = rubric_scores(units)
+    assert [scores.count(s) for s in range(4)] == [75, 47, 82, 26]
+    count = load_tokenizer(None).count
+    tokens = [count(u.text) for u in units]
+    assert sum(tokens) == 11571
+    result = segment(tokens, scores)
+    sizes = [sum(tokens[a : b + 1]) for a, b in result.blocks]
+    assert len(result.blocks) == 15  # pinned: 11,571 tokens in 15 blocks
+    assert 500 <= statistics.median(sizes) <= 2000
+    assert min(sizes) >= 200
+    assert result.objective == pytest.approx(objective(tokens, scores, result.cuts)[0], abs=1e-12)
+    # The paper's text (the mean cut score) makes two halves of ~5,800 tokens of the same trace.
+    assert len(segment(tokens, scores, score_norm="cuts").blocks) == 2
