@@ -21,6 +21,11 @@ except ImportError:  # the main environment: these tests run in .venv-vllm (make
     collect_ignore_glob = ["test_*.py"]
 
 BLOCK_SIZE = 32  # the smallest page vLLM's CPU attention takes: evicted spans straddle pages
+ON_GPU = False  # benchmarks/gpu_check.sh runs these tests on a GPU
+if vllm is not None:
+    from vllm.platforms import current_platform
+
+    ON_GPU = not current_platform.is_cpu()
 
 
 @pytest.fixture(scope="session")
@@ -73,6 +78,8 @@ def make_llm_at():
             block_size=BLOCK_SIZE,
             max_logprobs=-1,
         )
+        if ON_GPU:  # engines start one after another in one process: leave room for the next
+            options["gpu_memory_utilization"] = 0.15
         options.update(kwargs)
         llm = vllm.LLM(**engine_args(settings, **options))
         made.append(llm)

@@ -15,7 +15,8 @@ from typing import Any
 from memento.masking import CHAT_MEMENTO, MASK_KNOBS, MaskConfig, check_block_cap
 
 SCHEDULER_CLS = "memento.vllm.scheduler.MementoScheduler"
-WORKER_CLS = "memento.vllm.worker.MementoCPUWorker"
+WORKER_CLS = "memento.vllm.worker.MementoWorker"
+"""The platform's memento worker: the CPU worker on vLLM's CPU build, the GPU worker on CUDA."""
 CONFIG_KEY = "memento"
 PLAN_ATTR = "memento_plan"
 """The ``SchedulerOutput`` attribute on which the scheduler hands each step's plan to the workers."""
@@ -89,6 +90,41 @@ def names_subclass(spec: Any, qualname: str) -> bool:
     except Exception:
         return False
     return isinstance(cls, type) and issubclass(cls, base)
+
+
+def check_worker_config(vllm_config: Any) -> None:
+    """What a memento worker refuses before it builds anything, with what to change.
+
+    The V2 model runner has neither of the two methods the runner overrides, and the worker needs
+    the memento scheduler, which plans the compactions (the scheduler refuses the rest: prefix
+    caching, async scheduling, speculative decoding, pipeline parallelism).
+    """
+    if getattr(vllm_config, "use_v2_model_runner", False):
+        raise ValueError("memento's vLLM backend runs on vLLM's V1 model runner: set VLLM_USE_V2_MODEL_RUNNER=0")
+    scheduler = vllm_config.scheduler_config.scheduler_cls
+    if not names_subclass(scheduler, SCHEDULER_CLS):
+        raise ValueError(
+            f"memento's vLLM backend cannot start: scheduler_cls is {scheduler!r}; the memento worker needs "
+            f"the memento scheduler (scheduler_cls={SCHEDULER_CLS!r}, or --scheduler-cls {SCHEDULER_CLS})"
+        )
+
+
+def kv_groups_problem(groups: Any) -> str | None:
+    """Why the backend cannot evict from these KV-cache groups, or None when it can.
+
+    Sliding-window layers arrive as full-attention specs with their window kept (the memento
+    runner's ``get_kv_cache_spec``); anything else (chunked-local, Mamba, MLA, cross-attention) has no
+    memento rule, and several groups would need one page list per group.
+    """
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    if len(groups) == 1 and type(groups[0].kv_cache_spec) is FullAttentionSpec:
+        return None
+    kinds = sorted({type(g.kv_cache_spec).__name__ for g in groups})
+    return (
+        f"the model's KV cache has groups {kinds}: only models whose layers use full or sliding-window "
+        "attention are supported (no chunked-local, mamba or MLA layers)"
+    )
 
 
 def engine_args(settings: MementoSettings | None = None, **vllm_kwargs: Any) -> dict[str, Any]:

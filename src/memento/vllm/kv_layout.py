@@ -1,4 +1,14 @@
-"""Token-granular moves inside a paged KV cache whose page interior layout is the kernel's business.
+"""Token-granular moves inside a paged KV cache, for each page layout vLLM 0.32 uses.
+
+Two movers, one interface (:class:`Mover`):
+
+* :class:`StridedPageMover`, for vLLM's GPU attention backends. Each layer's cache is a 4D view
+  ``[pages, kv_heads, block_size, content]`` whose content holds a token's key and value side by
+  side (``head_size + head_size_v`` elements), with any strides: the physical order depends on
+  ``KVCacheLayout`` (layer-outermost ``LBHNC`` / ``LBNHC`` / ``LHBNC``, block-outermost ``BLHNC`` /
+  ``BLNHC`` / ``BHLNC``, where one page of every layer sits together). A plain indexed copy on
+  that view is right for every one of them, because indexing follows the view's strides.
+* :class:`TokenMover`, for the CPU build, whose kernels pack a page's interior themselves.
 
 vLLM's CPU attention stores a page as ``[num_kv_heads, block_size, 2 * head_dim]`` elements, but
 how a token's keys and values are laid out inside a head's tile depends on the instruction set
@@ -13,8 +23,46 @@ two gathers, for every layer at once, whatever the layout.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import torch
+
+
+class Mover(Protocol):
+    """Moves tokens' KV between cache slots (``page * block_size + offset``) of every given cache."""
+
+    def move(self, caches: Sequence[torch.Tensor], src: Sequence[int], dst: Sequence[int]) -> None:
+        """Copy slot ``src[i]`` to slot ``dst[i]``, all heads, keys and values; every source is read
+        before any destination is written, so overlapping runs are safe."""
+        ...
+
+
+class StridedPageMover:
+    """Token moves on ``[pages, heads, block_size, content]`` views of any strides (vLLM's GPU layouts)."""
+
+    def __init__(self, block_size: int) -> None:
+        self.block_size = block_size
+
+    def move(self, caches: Sequence[torch.Tensor], src: Sequence[int], dst: Sequence[int]) -> None:
+        if len(src) != len(dst):
+            raise ValueError(f"{len(src)} sources for {len(dst)} destinations")
+        if not src:
+            return
+        indices: dict[torch.device, tuple[torch.Tensor, ...]] = {}
+        for cache in caches:
+            if cache.dim() != 4 or cache.shape[2] != self.block_size:
+                raise ValueError(
+                    f"expected a [pages, heads, {self.block_size}, content] cache view, got shape {tuple(cache.shape)}"
+                )
+            if cache.device not in indices:
+                src_t = torch.as_tensor(src, dtype=torch.int64).to(cache.device)
+                dst_t = torch.as_tensor(dst, dtype=torch.int64).to(cache.device)
+                bs = self.block_size
+                indices[cache.device] = (src_t // bs, src_t % bs, dst_t // bs, dst_t % bs)
+            src_page, src_offset, dst_page, dst_offset = indices[cache.device]
+            values = cache[src_page, :, src_offset]  # (tokens, heads, content): a copy, read before writing
+            cache[dst_page, :, dst_offset] = values
+
 
 TileWriter = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
 """``write(keys, values, cache, slot_mapping)``: the backend's cache write for ``(tokens, heads, dim)``
@@ -72,7 +120,7 @@ def _digits_needed(n: int) -> int:
 
 
 class TokenMover:
-    """Moves tokens' KV between slots (``page * block_size + offset``) of paged caches."""
+    """Moves tokens' KV between slots of vLLM CPU caches, through the tile layout the kernel revealed."""
 
     def __init__(self, offsets: torch.Tensor, block_size: int) -> None:
         self.offsets = offsets

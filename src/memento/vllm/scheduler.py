@@ -36,7 +36,14 @@ from vllm.v1.request import Request, RequestStatus
 from memento.chat import tracked_prefix
 from memento.format import MementoFormatError, SpecialTokenIds
 from memento.masking import SequenceTracker
-from memento.vllm.config import PLAN_ATTR, SCHEDULER_CLS, WORKER_CLS, MementoSettings, names_subclass
+from memento.vllm.config import (
+    PLAN_ATTR,
+    SCHEDULER_CLS,
+    WORKER_CLS,
+    MementoSettings,
+    kv_groups_problem,
+    names_subclass,
+)
 from memento.vllm.eviction import Compaction, RequestEvictions
 
 logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's logger: its handlers and level apply
@@ -110,8 +117,6 @@ class PhysicalKVCacheManager:
 
 def check_engine_config(vllm_config: Any, kv_cache_config: Any) -> None:
     """Refuse configurations the backend cannot run, saying what to change."""
-    from vllm.v1.kv_cache_interface import FullAttentionSpec
-
     cache, sched, parallel = vllm_config.cache_config, vllm_config.scheduler_config, vllm_config.parallel_config
     problems = []
     if cache.enable_prefix_caching:
@@ -134,16 +139,9 @@ def check_engine_config(vllm_config: Any, kv_cache_config: Any) -> None:
             f"worker_cls is {worker!r}: the eviction needs the memento worker to move KV "
             f"(worker_cls={WORKER_CLS!r}, or --worker-cls {WORKER_CLS})"
         )
-    groups = kv_cache_config.kv_cache_groups
-    # Sliding-window layers arrive as full-attention specs with their window kept (the memento
-    # worker's get_kv_cache_spec); anything else (chunked-local, Mamba, MLA, cross-attention) has no
-    # memento rule.
-    if len(groups) != 1 or type(groups[0].kv_cache_spec) is not FullAttentionSpec:
-        kinds = sorted({type(g.kv_cache_spec).__name__ for g in groups})
-        problems.append(
-            f"the model's KV cache has groups {kinds}: only models whose layers use full or sliding-window "
-            "attention are supported (no chunked-local, mamba or MLA layers)"
-        )
+    group_problem = kv_groups_problem(kv_cache_config.kv_cache_groups)
+    if group_problem:
+        problems.append(group_problem)
     if problems:
         raise ValueError("memento's vLLM backend cannot start: " + "; ".join(problems))
 
