@@ -14,7 +14,7 @@ import pytest
 from helpers import tiny_model
 from memento.engine import EngineConfig, LLMEngine, SamplingParams
 from memento.serve.server import build_app, start_in_thread
-from memento.serve.text import final_text
+from memento.serve.text import final_text, reasoning_token_count, think_token_ids
 from memento.tiny_tokenizer import build_tiny_tokenizer
 
 PROMPT = "STREAM a3 c9 x4 n22"
@@ -88,6 +88,7 @@ def test_completion_equals_the_engine_and_reports_kv_usage(client, model, tok) -
     assert usage.total_tokens == len(ids) + len(ref.token_ids)
     assert usage.model_extra["peak_kv_tokens"] == ref.kv.peak
     assert usage.model_extra["evicted_tokens"] == ref.kv.evicted_tokens
+    assert usage.prompt_tokens_details is None and usage.completion_tokens_details is None  # as vLLM's
     assert out.choices[0].finish_reason in ("stop", "length")
 
 
@@ -127,8 +128,24 @@ def test_chat_logprobs_equal_the_engines_and_reasoning_is_split(client, model, t
     assert content[0].bytes == list(content[0].token.encode())
     message = out.choices[0].message
     text = final_text(tok, sample.token_ids, sample.finish_reason, sample.stop_reason, SamplingParams())
-    reasoning = message.model_extra.get("reasoning_content") or ""
+    reasoning = message.model_extra["reasoning"] or ""
+    assert message.model_extra["reasoning_content"] == message.model_extra["reasoning"]  # both names, one value
     assert reasoning + (message.content or "") == text.replace("<think>", "").replace("</think>", "").strip("\n")
+    assert out.usage.completion_tokens_details.reasoning_tokens == reasoning_token_count(
+        sample.token_ids, think_token_ids(tok)
+    )
+
+
+def test_an_answer_sent_back_whole_is_accepted(client) -> None:
+    """Clients echo the assistant's answer with its reasoning, under either name; the model never sees it."""
+    answer = {"role": "assistant", "content": "5", "reasoning": "2+3", "reasoning_content": "2+3"}
+    messages = [{"role": "user", "content": PROMPT}, answer, {"role": "user", "content": PROMPT}]
+    kwargs = {"model": "tiny", "max_tokens": 4, "temperature": 0}
+    with_reasoning = client.chat.completions.create(messages=messages, **kwargs)
+    without = client.chat.completions.create(
+        messages=[*messages[:1], {"role": "assistant", "content": "5"}, *messages[2:]], **kwargs
+    )
+    assert with_reasoning.choices[0].message.content == without.choices[0].message.content
 
 
 def test_streaming_gives_the_same_text_as_one_response(client) -> None:
@@ -148,9 +165,13 @@ def test_chat_streaming_matches_the_chat_response(client) -> None:
     reasoning, content = "", ""
     for chunk in client.chat.completions.create(**kwargs, stream=True):
         delta = chunk.choices[0].delta
-        reasoning += (delta.model_extra or {}).get("reasoning_content") or ""
+        extra = delta.model_extra or {}
+        assert extra.get("reasoning_content") == extra.get("reasoning")  # both names, one value
+        reasoning += extra.get("reasoning") or ""
         content += delta.content or ""
-    assert reasoning == ((whole.model_extra or {}).get("reasoning_content") or "")
+    assert reasoning == (whole.model_extra["reasoning"] or "") and reasoning == (
+        whole.model_extra["reasoning_content"] or ""
+    )
     assert content == (whole.content or "")
 
 

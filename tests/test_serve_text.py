@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 
 from memento.engine import SamplingParams
-from memento.serve.text import IncrementalText, ReasoningStream, final_text, split_reasoning
+from memento.serve.text import (
+    IncrementalText,
+    ReasoningStream,
+    final_text,
+    reasoning_token_count,
+    split_reasoning,
+    think_token_ids,
+)
 from memento.tiny_tokenizer import build_tiny_tokenizer
 
 
@@ -79,3 +86,21 @@ def test_reasoning_stream_matches_the_split_of_the_whole_text() -> None:
             reasoning += r
             answer += a
         assert (reasoning, answer) == split_reasoning(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "count"),
+    [
+        ("<think>\nsteps\n</think>\n42", 7),  # one character per token; the newlines are tokens too
+        ("<think>\nstill thinking", 15),
+        ("plain answer", 0),
+        ("steps</think>\n7", 5),  # the opening tag was in the prompt
+        ("<think></think>5", 0),
+        ("a<think>b</think>c<think>d", 1),
+    ],
+)
+def test_reasoning_tokens_are_those_the_split_calls_reasoning(tok, text, count) -> None:
+    think = think_token_ids(tok)
+    assert think == tuple(tok.convert_tokens_to_ids(["<think>", "</think>"]))
+    assert reasoning_token_count(ids(tok, text), think) == count
+    assert reasoning_token_count(ids(tok, text), None) == 0  # tags that are not single tokens: no count

@@ -71,6 +71,11 @@ def test_the_vllm_server_command_line(tmp_path) -> None:
     config = json.loads(argv[argv.index("--additional-config") + 1])
     assert config == {"memento": {"keep_last_n": 1}}
     assert argv[-2:] == ["--max-model-len", "4096"]
+    # the embedded server's answer fields: its reasoning split, reasoning_content, the KV in usage
+    assert "--reasoning-parser memento" in joined and "--middleware memento.vllm.fields.MementoFields" in joined
+    for flag in (["--reasoning-parser=qwen3"], ["--reasoning-parser", "qwen3"], ["--reasoning-parser="]):
+        other = vllm_serve_argv(str(tmp_path), MementoSettings(), extra=flag)
+        assert "memento" not in other and other[-len(flag) :] == flag  # the user's parser, or none
 
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")

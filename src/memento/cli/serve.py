@@ -82,9 +82,11 @@ def serve_command(
     """Serve a model over the OpenAI API (completions, chat, streaming) with in-place KV eviction.
 
     /v1/completions, /v1/chat/completions, /v1/models, /health and /metrics (Prometheus). Chat
-    answers carry the reasoning (blocks and mementos) in reasoning_content and the answer in content;
-    usage adds the request's peak KV and evicted tokens. With --backend vllm the same settings run
-    inside `vllm serve` (memento.vllm; pip install 'memento[vllm]'), whose routes and metrics are vLLM's.
+    answers carry the reasoning (blocks and mementos) in reasoning (and reasoning_content) and the
+    answer in content; usage adds the request's peak KV and evicted tokens. With --backend vllm the
+    same settings run inside `vllm serve` (memento.vllm; pip install 'memento[vllm]'), whose routes
+    and metrics are vLLM's, with the same answer fields (--reasoning-parser memento and a middleware;
+    --vllm-arg=--reasoning-parser=NAME picks another parser).
     """
     require_exists(model)
     if backend not in ("engine", "vllm"):

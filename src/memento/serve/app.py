@@ -1,10 +1,12 @@
 """The OpenAI-compatible HTTP API over the engine (FastAPI).
 
-Routes: ``/v1/completions``, ``/v1/chat/completions`` (the tokenizer's chat template; reasoning in
-``reasoning_content``, the answer in ``content``), ``/v1/models``, ``/health``, ``/metrics``
-(Prometheus). Both completion routes stream as server-sent events when ``stream`` is set. Each
-``usage`` carries, besides the token counts, the request's peak live KV (tokens, the largest over
-its samples) and the tokens evicted from its KV.
+Routes: ``/v1/completions``, ``/v1/chat/completions`` (the tokenizer's chat template; the thinking in
+``reasoning``, and again in ``reasoning_content``, the answer in ``content``; in stream deltas too),
+``/v1/models``, ``/health``, ``/metrics`` (Prometheus). Both completion routes stream as server-sent
+events when ``stream`` is set. ``usage`` has vLLM 0.32's fields (``prompt_tokens_details`` null;
+``completion_tokens_details.reasoning_tokens`` on chat, null on completions) and the request's peak
+live KV (tokens, the largest over its samples) and the tokens evicted from its KV. ``memento serve
+--backend vllm`` answers with the same fields (``tests/vllm_backend/test_vllm_serve_parity.py``).
 
 Errors are OpenAI error objects: 400 for a body that is not JSON, unknown or invalid fields, a
 prompt the context or the KV budget cannot hold; 404 for another model name; 429 when too many
@@ -61,7 +63,14 @@ from memento.serve.protocol import (
     ModelList,
     error_body,
 )
-from memento.serve.text import IncrementalText, ReasoningStream, final_text, split_reasoning
+from memento.serve.text import (
+    IncrementalText,
+    ReasoningStream,
+    final_text,
+    reasoning_token_count,
+    split_reasoning,
+    think_token_ids,
+)
 
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "kv_budget": "length", "abort": "abort"}
 """Engine finish reasons as the API reports them (``format_error`` ends like a stop: the engine's
@@ -125,6 +134,7 @@ class ServerState:
         )
         self.prompt_tokens = Counter("memento_prompt_tokens", "prompt tokens received", registry=self.registry)
         self.registry.register(_EngineCollector(self))
+        self.think_ids = think_token_ids(self.tokenizer)
 
     @property
     def tokenizer(self) -> Any:
@@ -174,13 +184,20 @@ def _chat_logprobs(tokenizer: Any, token_ids: list[int], logprobs: list, tops: l
     return {"content": content}
 
 
-def _usage(output: RequestOutput) -> dict:
+def _usage(output: RequestOutput, chat: bool, think_ids: tuple[int, int] | None) -> dict:
+    """vLLM's usage fields (chat: the reasoning tokens, 0 when the think tags are not single tokens;
+    completions: null details, as vLLM's), and the request's KV."""
     completion = sum(len(o.token_ids) for o in output.outputs)
     prompt = len(output.prompt_token_ids)
+    details = None
+    if chat:
+        details = {"reasoning_tokens": sum(reasoning_token_count(o.token_ids, think_ids) for o in output.outputs)}
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
+        "prompt_tokens_details": None,
+        "completion_tokens_details": details,
         "peak_kv_tokens": max((o.kv.peak for o in output.outputs), default=0),
         "evicted_tokens": sum(o.kv.evicted_tokens for o in output.outputs),
     }
@@ -190,9 +207,14 @@ def _finish_reason(sample: Any) -> str:
     return FINISH_REASONS.get(sample.finish_reason or "", "stop")
 
 
+FORMAT_ERROR_STOP = "memento_format_error"
+"""The ``stop_reason`` of a sample the format checker stopped (``finish_reason`` "stop"): the vLLM
+backend's (``memento.vllm.scheduler.FORMAT_ERROR``)."""
+
+
 def _stop_reason(sample: Any) -> Any:
-    """The stop string or id that ended the sample; ``"format_error"`` when the format checker did."""
-    return sample.stop_reason if sample.finish_reason != "format_error" else "format_error"
+    """The stop string or id that ended the sample; :data:`FORMAT_ERROR_STOP` when the format checker did."""
+    return sample.stop_reason if sample.finish_reason != "format_error" else FORMAT_ERROR_STOP
 
 
 def _sample_text(tokenizer: Any, sample: Any, params: SamplingParams) -> str:
@@ -227,7 +249,7 @@ def _stream_choice(
     reasoning_delta, answer_delta = reasoning.push(text, final=finish is not None)
     delta: dict[str, Any] = {}
     if reasoning_delta:
-        delta["reasoning_content"] = reasoning_delta
+        delta["reasoning"] = delta["reasoning_content"] = reasoning_delta
     if answer_delta:
         delta["content"] = answer_delta
     return _choice(index, "delta", delta, logprobs, finish, **extra)
@@ -353,7 +375,8 @@ def _full_response(
             logprobs = _logprobs(tokenizer, chat, ids, sample.logprobs[:n], sample.top_logprobs[:n])
         if chat:
             reasoning, answer = split_reasoning(text)
-            field, content = "message", {"role": "assistant", "content": answer, "reasoning_content": reasoning}
+            message = {"role": "assistant", "content": answer, "reasoning": reasoning, "reasoning_content": reasoning}
+            field, content = "message", message
         else:
             field, content = "text", text
         choice = _choice(
@@ -361,7 +384,8 @@ def _full_response(
         )
         choices.append(choice)
     kind = "chat.completion" if chat else "text_completion"
-    return _envelope(request_id, kind, int(time.time()), state.model_name, choices, usage=_usage(output))
+    usage = _usage(output, chat, state.think_ids)
+    return _envelope(request_id, kind, int(time.time()), state.model_name, choices, usage=usage)
 
 
 async def _stream(
@@ -425,7 +449,7 @@ async def _stream(
                     )
                     yield _sse(envelope([choice], **no_usage))
                 if include_usage:
-                    yield _sse(envelope([], usage=_usage(output)))
+                    yield _sse(envelope([], usage=_usage(output, chat, state.think_ids)))
                 break
             batch = await anext(events)
         yield "data: [DONE]\n\n"

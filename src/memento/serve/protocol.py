@@ -168,7 +168,9 @@ class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] | None = None
     name: str | None = None
-    reasoning_content: str | None = None  # accepted (clients echo it back), not sent to the model
+    # accepted (clients echo an answer back whole), not sent to the model
+    reasoning: str | None = None
+    reasoning_content: str | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -221,16 +223,29 @@ class ErrorResponse(_Answer):
 FinishReason = Literal["stop", "length", "abort"]
 StopReason = Annotated[
     str | int | None,
-    Field(description='the stop string or token id that ended the sample; "format_error" when the format did'),
+    Field(
+        description='the stop string or token id that ended the sample; "memento_format_error" when the memento '
+        "format did (as on the vLLM backend)"
+    ),
 ]
 
 
+class CompletionTokensDetails(_Answer):
+    reasoning_tokens: int = Field(description="sampled tokens inside <think> ... </think> (the tags left out)")
+
+
 class Usage(_Answer):
+    """Token counts, as vLLM 0.32 reports them, and the request's KV (the same fields on the vLLM backend)."""
+
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: None = Field(description="always null: no prefix cache, so no cached prompt tokens")
+    completion_tokens_details: CompletionTokensDetails | None = Field(
+        description="chat: the reasoning tokens (summed over the samples); completions: null"
+    )
     peak_kv_tokens: int = Field(description="the request's peak live KV (tokens; the largest over its samples)")
-    evicted_tokens: int = Field(description="tokens evicted from the request's KV")
+    evicted_tokens: int = Field(description="tokens evicted from the request's KV (summed over its samples)")
 
 
 class CompletionLogprobs(_Answer):
@@ -271,10 +286,14 @@ class ChatLogprobs(_Answer):
     content: list[TokenLogprob]
 
 
+REASONING = "the thinking (blocks and mementos) between <think> and </think>; null when there is none"
+
+
 class AssistantMessage(_Answer):
     role: Literal["assistant"]
     content: str | None
-    reasoning_content: str | None
+    reasoning: str | None = Field(description=REASONING + " (vLLM 0.32's name)")
+    reasoning_content: str | None = Field(description="the same as reasoning (the name of earlier vLLM)")
 
 
 class ChatChoice(_Answer):
@@ -336,7 +355,8 @@ class CompletionChunk(_Answer):
 class ChatDelta(_Answer):
     role: Literal["assistant"] | None = None
     content: str | None = None
-    reasoning_content: str | None = None
+    reasoning: str | None = Field(None, description="the reasoning's next piece (vLLM 0.32's name)")
+    reasoning_content: str | None = Field(None, description="the same as reasoning (the name of earlier vLLM)")
 
 
 class ChatStreamChoice(_Answer):

@@ -6,12 +6,16 @@ streaming, text that might still turn out to be the start of a stop string is he
 a trailing replacement character (half of a multi-byte character).
 
 Reasoning: a memento model thinks inside ``<think> ... </think>`` (blocks and mementos included) and
-answers after it. :func:`split_reasoning` returns (reasoning, answer) as vLLM's reasoning parsers do
-(``reasoning_content`` and ``content``).
+answers after it. :func:`split_reasoning` returns (reasoning, answer): the chat answer's ``reasoning``
+(vLLM 0.32's name; also sent as ``reasoning_content``, the name of earlier vLLM and DeepSeek's API)
+and ``content``. The vLLM backend's reasoning parser (:mod:`memento.vllm.reasoning`) splits with the
+same function, and counts ``usage.completion_tokens_details.reasoning_tokens`` with
+:func:`reasoning_token_count`, so both servers answer alike.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,7 +41,7 @@ def final_text(
     return text
 
 
-def _held_back(text: str, stops: list[str]) -> int:
+def held_back(text: str, stops: list[str]) -> int:
     """How many trailing characters might be the start of a stop string (or half a character)."""
     hold = 0
     for stop in stops:
@@ -92,7 +96,7 @@ class IncrementalText:
             cut = text.find(stop, start)
             if cut >= 0:
                 text, self._stopped = text[:cut], True
-        ready = len(text) - (0 if self._stopped else _held_back(text, self.params.stop))
+        ready = len(text) - (0 if self._stopped else held_back(text, self.params.stop))
         if ready <= self.emitted:
             return ""
         out = text[self.emitted : ready]
@@ -120,9 +124,35 @@ def split_reasoning(text: str) -> tuple[str | None, str | None]:
     return reasoning or None, answer
 
 
+def think_token_ids(tokenizer: Any) -> tuple[int, int] | None:
+    """The ids of ``<think>`` and ``</think>`` when each is one token of ``tokenizer``, else None."""
+    ids = []
+    for tag in (THINK_START, THINK_END):
+        encoded = tokenizer.encode(tag, add_special_tokens=False)
+        if len(encoded) != 1:
+            return None
+        ids.append(int(encoded[0]))
+    return ids[0], ids[1]
+
+
+def reasoning_token_count(token_ids: Sequence[int], think_ids: tuple[int, int] | None) -> int:
+    """The sampled tokens :func:`split_reasoning` puts in the reasoning, the tags left out (0 when the
+    tags are not single tokens): the ``reasoning_tokens`` of ``usage.completion_tokens_details``."""
+    if think_ids is None:
+        return 0
+    ids = list(token_ids)
+    start_id, end_id = think_ids
+    start = ids.index(start_id) if start_id in ids else -1
+    end = ids.index(end_id) if end_id in ids else -1
+    if start < 0 and end < 0:
+        return 0
+    body_from = start + 1 if start >= 0 and (end < 0 or start < end) else 0
+    return (len(ids) if end < 0 else end) - body_from
+
+
 @dataclass
 class ReasoningStream:
-    """Routes streamed text to ``reasoning_content`` until ``</think>``, then to ``content``."""
+    """Routes streamed text to the reasoning until ``</think>``, then to ``content``."""
 
     sent_reasoning: int = 0
     sent_answer: int = 0
@@ -133,7 +163,7 @@ class ReasoningStream:
         self.text += delta
         text = self.text
         if not final:  # hold back what could be the start of a tag
-            text = text[: len(text) - _held_back(text, [THINK_START, THINK_END])]
+            text = text[: len(text) - held_back(text, [THINK_START, THINK_END])]
         reasoning, answer = split_reasoning(text)
         reasoning, answer = reasoning or "", answer or ""
         r_delta = reasoning[self.sent_reasoning :] if len(reasoning) > self.sent_reasoning else ""

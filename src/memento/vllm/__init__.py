@@ -9,7 +9,11 @@ classes (scheduler, worker, logits) are loaded by vLLM itself from the class nam
 - :mod:`~memento.vllm.kv_layout` and :mod:`~memento.vllm.worker`: token moves inside KV pages, the
   CPU worker and model runner subclasses (physical slots, logical positions);
 - :mod:`~memento.vllm.logits`: the block-length cap as a logits processor;
-- :mod:`~memento.vllm.plugin`: the ``vllm.general_plugins`` entry point (version check, CPU set-up);
+- :mod:`~memento.vllm.plugin`: the ``vllm.general_plugins`` entry point (version check, CPU set-up,
+  the ``memento`` reasoning parser's name);
+- :mod:`~memento.vllm.reasoning`: that reasoning parser (the embedded server's split of ``<think>``);
+- :mod:`~memento.vllm.fields`: the server middleware that adds the embedded server's answer fields
+  (``reasoning_content``, the KV in ``usage``);
 - :mod:`~memento.vllm.serve`: ``memento serve --backend vllm``.
 """
 

@@ -5,6 +5,12 @@ calling) keeps working, because it *is* vLLM's server: this module only builds t
 (the memento scheduler and worker classes, the settings as ``--additional-config``, prefix caching
 and async scheduling off, the KV budget as a page count) and then replaces the current process
 with it. Extra ``vllm serve`` flags pass through unchanged.
+
+The answers have the embedded server's fields: ``--reasoning-parser memento``
+(:mod:`memento.vllm.reasoning`: the embedded server's split of ``<think> ... </think>``; another
+``--reasoning-parser`` among the extra flags replaces it, an empty one switches parsing off) and
+``--middleware memento.vllm.fields.MementoFields`` (``reasoning_content`` beside ``reasoning``, the
+KV fields in ``usage``: :mod:`memento.vllm.fields`).
 """
 
 from __future__ import annotations
@@ -17,6 +23,10 @@ from pathlib import Path
 
 from memento.eval.kvsim import KVSpec
 from memento.vllm.config import MementoSettings, serve_args
+from memento.vllm.plugin import REASONING_PARSER
+
+FIELDS_MIDDLEWARE = "memento.vllm.fields.MementoFields"
+"""The ASGI middleware that gives vLLM's answers the embedded server's fields (:mod:`memento.vllm.fields`)."""
 
 
 def vllm_serve_argv(
@@ -51,6 +61,9 @@ def vllm_serve_argv(
     if max_num_seqs is not None:
         argv += ["--max-num-seqs", str(max_num_seqs)]
     argv += serve_args(settings)
+    if not any(flag.split("=")[0] == "--reasoning-parser" for flag in extra):
+        argv += ["--reasoning-parser", REASONING_PARSER]
+    argv += ["--middleware", FIELDS_MIDDLEWARE]
     argv += list(extra)
     return argv
 
