@@ -1,9 +1,10 @@
 """Every shell command in the README runs as written (issue 16).
 
 The README's ```bash blocks are parsed into commands (continuation lines joined, comments cut), and
-every command must be listed in :data:`PLAN`: run here (fast), run here but slow (``-m slow``), or
-covered by another named test. A command added to the README without a plan fails
-:func:`test_every_readme_command_has_a_plan`, so the list cannot go stale.
+every command must be listed in :data:`PLAN`: run here (fast), run here but slow (``-m slow``),
+covered by another named test, or not run, with the reason (a GPU-only command; the README says
+so). A command added to the README without a plan fails :func:`test_every_readme_command_has_a_plan`,
+so the list cannot go stale.
 
 Commands run in a scratch directory that holds what their placeholders name (``traces.jsonl``,
 ``hf_dataset_dir/``, ``path/to/hf-tokenizer``, ``runs/m/stage2/best``, ...): synthetic traces and a
@@ -77,6 +78,11 @@ PLAN: list[tuple[str, str]] = [
     (r"^memento data build ", "covered: test_readme_data_build_and_stats (slow), against a scripted LLM"),
     (r"^memento data stats ", FAST),
     (r"^\.venv-vllm/bin/memento serve .* --backend vllm", "covered: tests/vllm_backend/test_vllm_serve.py"),
+    (
+        r"^CUDA_VISIBLE_DEVICES= accelerate launch --multi_gpu --num_processes 2 .* -m memento train ",
+        "covered: tests/test_train_distributed.py (slow) runs it on 2 CPU processes against 1 process",
+    ),
+    (r"^accelerate launch --config_file fsdp\.yaml ", "not run: FSDP needs GPUs, there are none here (README)"),
 ]
 BOUNDS: dict[str, str] = {
     "memento train": "--max-steps 4 --eval-steps 2 --batch-size 4",

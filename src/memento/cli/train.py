@@ -21,7 +21,7 @@ from memento.families import default_mask, model_type_mask
 from memento.format import MementoFormatError
 from memento.modeling import ARCHITECTURES
 from memento.train.pipeline import TrainPlan, run_training
-from memento.train.sft import SFTSettings
+from memento.train.sft import SFTSettings, is_main_process
 
 app = typer.Typer()
 
@@ -48,9 +48,10 @@ def train_command(
     epochs: Annotated[float, typer.Option("--epochs", help="Epochs per stage.")] = 5.0,
     max_steps: Annotated[int, typer.Option("--max-steps", help="Steps per stage (overrides --epochs if > 0).")] = -1,
     learning_rate: Annotated[float, typer.Option("--lr", help="Peak learning rate (cosine, 5% warm-up).")] = 8e-5,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Examples per step and device.")] = 16,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Examples per step and process.")] = 16,
     grad_accum: Annotated[int, typer.Option("--grad-accum", help="Gradient accumulation steps.")] = 1,
     eval_steps: Annotated[int, typer.Option("--eval-steps", help="Evaluate and checkpoint every N steps.")] = 50,
+    logging_steps: Annotated[int, typer.Option("--logging-steps", help="Log the training loss every N steps.")] = 10,
     max_length: Annotated[int | None, typer.Option("--max-length", help="Refuse longer examples.")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Training seed.")] = 42,
     **mask_knobs: int | bool,
@@ -62,6 +63,10 @@ def train_command(
     checkpoints under OUTPUT/stageN, resumes from the newest one when rerun after an interruption,
     logs losses to OUTPUT/stageN/log.jsonl, and saves its best model (with the tokenizer) to
     OUTPUT/stageN/best. Every example is checked against the memento grammar before training.
+
+    Runs as it is under `accelerate launch` or `torchrun` on several processes (DDP, over gloo
+    without a GPU; FSDP from an accelerate config): --batch-size is per process, so the global batch is
+    batch size x grad accum x processes; only the main process prints and writes.
     """
     base = default_mask(model) if model is not None else model_type_mask(tiny)  # a tiny arch is its model_type
     settings = settings_from(SFTSettings, locals(), mask=mask_config(base, mask_knobs))
@@ -79,7 +84,7 @@ def train_command(
         )
     except ValueError as exc:
         fail(str(exc))
-    console = Console(highlight=False)
+    console = Console(highlight=False, quiet=not is_main_process())  # one voice under multi-process launches
     try:
         best = run_training(plan, log=lambda line: console.print(line, soft_wrap=True))
     except (MementoFormatError, ValueError, KeyError) as exc:

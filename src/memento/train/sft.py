@@ -8,11 +8,19 @@ own directory, resumes from the newest checkpoint there if interrupted, logs eve
 
 The code takes any HF causal LM whose attention can take a 4D mask (sdpa, eager); the same code
 trains the tiny demo models and a real Qwen3 / Llama / Phi / Olmo checkpoint.
+
+Under ``accelerate launch`` / ``torchrun`` (several processes: DDP, over gloo on CPUs; FSDP from
+an accelerate config on GPUs, not tested here) the Trainer shards each global batch across the
+processes (``batch_size`` is per process) and averages the loss over the completion tokens of the
+whole global batch, so a run on N processes with ``batch_size`` B follows the same losses as one
+process with N x B. Only the main process writes the log, the best model's tokenizer and the
+summary, and every process waits for them before going on (stage 2 reads stage 1's best model).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -83,6 +91,17 @@ def prepare_examples(
     if not rows:
         raise ValueError("no training examples")
     return Dataset.from_list(rows)
+
+
+def is_main_process() -> bool:
+    """True except in the processes other than rank 0 of a multi-process launch (``RANK`` is set by
+    torchrun and ``accelerate launch``), for console output before the Trainer exists."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def launched_processes() -> int:
+    """How many processes the launcher started (``WORLD_SIZE``; 1 for a plain run)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def make_collator(model: Any, tokenizer: Any, stage: int, settings: SFTSettings) -> MementoCollator:
@@ -195,6 +214,15 @@ def train_stage(
     stage_dir = Path(stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
     collator = make_collator(model, tokenizer, stage, settings)
+    cpu = not torch.cuda.is_available()
+    distributed = {
+        # several processes without a GPU (accelerate launch / torchrun on CPUs): DDP over gloo, not
+        # MPI even where torch has it (accelerate's pick); set only then, as transformers takes any
+        # ddp_backend for a distributed run
+        "ddp_backend": "gloo" if cpu and launched_processes() > 1 else None,
+        # every parameter of a causal LM takes part in each forward pass: no extra autograd traversal
+        "ddp_find_unused_parameters": False,
+    }
     args = TrainingArguments(
         output_dir=str(stage_dir),
         per_device_train_batch_size=settings.batch_size,
@@ -225,8 +253,8 @@ def train_stage(
         report_to=[],
         seed=settings.seed,
         dataloader_num_workers=0,
-        use_cpu=not torch.cuda.is_available(),
-        **settings.extra,
+        use_cpu=cpu,
+        **{**distributed, **settings.extra},
     )
     trainer = _trainer_class()(
         model,
@@ -239,8 +267,8 @@ def train_stage(
     last = get_last_checkpoint(str(stage_dir)) if any(stage_dir.glob("checkpoint-*")) else None
     result = trainer.train(resume_from_checkpoint=last)
     best_dir = stage_dir / BEST_DIR
-    trainer.save_model(str(best_dir))
-    tokenizer.save_pretrained(str(best_dir))
+    trainer.save_model(str(best_dir))  # every process (FSDP gathers the weights), the main one writes
+    processes = trainer.accelerator.num_processes
     summary = {
         "stage": stage,
         "attention": "full causal" if stage == 1 else "memento mask",
@@ -251,9 +279,14 @@ def train_stage(
         "train_runtime_s": result.metrics.get("train_runtime"),
         "resumed_from": last,
         "initialised_from": getattr(model, "name_or_path", None) or None,
+        "num_processes": processes,
+        "global_batch_size": settings.batch_size * settings.grad_accum * processes,
         "settings": {k: v for k, v in asdict(settings).items() if k != "extra"},
     }
-    (best_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(str(best_dir))
+        (best_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    trainer.accelerator.wait_for_everyone()  # the best model is complete before any process reads it
     return best_dir
 
 
