@@ -730,7 +730,7 @@ def scripted_sampler(script: list[int]):
     """A stand-in for sample_tokens that returns the scripted tokens in turn (one request at a time)."""
     tokens = iter(script)
 
-    def sample(logits, params, generators):
+    def sample(logits, params, generators, histories=None):
         assert len(params) == 1
         return [SampledToken(next(tokens))]
 
@@ -854,10 +854,10 @@ def poisoned_sampler(real):
     """sample_tokens that fails on any batch holding a request seeded POISON_SEED (as a numerical
     failure inside one row would)."""
 
-    def sample(logits, params, generators):
+    def sample(logits, params, generators, histories=None):
         if any(p.seed == POISON_SEED for p in params):
             raise RuntimeError("probability tensor contains either inf, nan or element < 0")
-        return real(logits, params, generators)
+        return real(logits, params, generators, histories)
 
     return sample
 
@@ -902,7 +902,7 @@ def test_a_failing_forward_pass_stops_the_engine(tok, model, prompts, monkeypatc
     engine = LLMEngine(model, tok, EngineConfig(kv_budget_tokens=1024))
     engine.add_request(prompts["plain"], greedy(4))
 
-    def broken(plan):
+    def broken(plan, keep=1):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
     monkeypatch.setattr(engine.runner, "run", broken)

@@ -69,3 +69,34 @@ def test_top_p_keeps_the_nucleus_and_always_the_top_token() -> None:
     logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
     seen = {draw(logits, temperature=1.0, top_p=0.7, seed=s) for s in range(200)}
     assert seen == {0, 1}  # 0.5 < 0.7, 0.5 + 0.3 >= 0.7: the third is dropped
+
+
+def test_min_p_drops_tokens_below_its_share_of_the_top_probability() -> None:
+    # probabilities at temperature 1: 0.5, 0.3, 0.15, 0.05 -> min_p 0.2 keeps p >= 0.1: tokens 0, 1, 2
+    logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()
+    drawn = {draw(logits, temperature=1.0, min_p=0.2, seed=s) for s in range(400)}
+    assert drawn == {0, 1, 2}
+    assert {draw(logits, temperature=1.0, min_p=0.0, seed=s) for s in range(400)} == {0, 1, 2, 3}
+    assert {draw(logits, temperature=1.0, min_p=1.0, seed=s) for s in range(50)} == {0}  # the top always stays
+
+
+def test_repetition_penalty_is_vllms_rule_and_leaves_logprobs_raw() -> None:
+    logits = torch.tensor([2.0, 1.5, -1.0, -0.5])
+    p = SamplingParams(temperature=0, repetition_penalty=2.0, logprobs=0)
+    # seen tokens 0 and 3: 2.0 / 2 = 1.0 and -0.5 * 2 = -1.0; token 1 (1.5) now wins
+    (token,) = sample_tokens(logits[None], [p], [None], histories=[[0, 3, 0]])
+    assert token.token_id == 1
+    assert token.logprob == pytest.approx(float(torch.log_softmax(logits, -1)[1]))  # the raw distribution's
+    (plain,) = sample_tokens(logits[None], [SamplingParams(temperature=0)], [None])
+    assert plain.token_id == 0
+    with pytest.raises(ValueError, match="histories"):
+        sample_tokens(logits[None], [p], [None])
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [("min_p", -0.1), ("min_p", 1.5), ("repetition_penalty", 0), ("repetition_penalty", -1.0), ("prompt_logprobs", -1)],
+)
+def test_bad_penalties_are_refused(field, value) -> None:
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**{field: value})

@@ -450,10 +450,10 @@ def test_an_engine_failure_in_one_request_is_a_500_for_it_alone(model, tok, monk
 
     real = engine_module.sample_tokens
 
-    def poisoned(logits, params, generators):
+    def poisoned(logits, params, generators, histories=None):
         if any(p.seed == 666 for p in params):
             raise RuntimeError("numerical failure in one row")
-        return real(logits, params, generators)
+        return real(logits, params, generators, histories)
 
     monkeypatch.setattr(engine_module, "sample_tokens", poisoned)
     app = build_app(model, EngineConfig.from_options(**CONFIG), tokenizer=tok, model_name="tiny")

@@ -96,6 +96,11 @@ class RequestOutput:
     request_id: str
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
+    prompt_logprobs: list[float | None] | None = None
+    """With ``SamplingParams.prompt_logprobs``: each prompt token's logprob given the tokens before it,
+    under the memento mask (None for the first token, which nothing predicts)."""
+    prompt_top_logprobs: list[dict[int, float] | None] | None = None
+    """The top ``prompt_logprobs`` alternatives at each prompt position, and the prompt's own token."""
 
     @property
     def finished(self) -> bool:
@@ -362,9 +367,14 @@ class LLMEngine:
             plan = []
             for seq, count in step.work:
                 plan.append((seq, seq.pending_rows(count), self.pool.allocate(count)))
+            scoring = [b for b, (seq, rows, _) in enumerate(plan) if seq.scores_prompt_rows(rows)]
             t0 = time.perf_counter()
-            result = self.runner.run(plan)
+            result = self.runner.run(plan, keep=max((len(plan[b][1]) for b in scoring), default=1))
             self.stats.forward_seconds += time.perf_counter() - t0
+            for b in scoring:
+                seq, rows, _ = plan[b]
+                assert result.tail_logits is not None
+                seq.score_prompt(rows, result.tail_logits[b, result.tail_logits.shape[1] - len(rows) :])
             ready: list[tuple[int, Sequence]] = []
             for b, (seq, rows, slots) in enumerate(plan):
                 try:
@@ -406,13 +416,16 @@ class LLMEngine:
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence], touched: set[str]) -> list[SampledToken | None]:
         """The batch's tokens; when the batch call fails, row by row, so only the failing rows fail."""
         params, generators = [s.params for s in seqs], [s.generator for s in seqs]
+        penalised = any(p.repetition_penalty != 1.0 for p in params)
+        histories = [s.all_token_ids() for s in seqs] if penalised else None
         try:
-            return list(sample_tokens(logits, params, generators))
+            return list(sample_tokens(logits, params, generators, histories))
         except Exception:
             out: list[SampledToken | None] = []
             for i, seq in enumerate(seqs):
                 try:
-                    out.append(sample_tokens(logits[i : i + 1], params[i : i + 1], generators[i : i + 1])[0])
+                    history = histories[i : i + 1] if histories is not None else None
+                    out.append(sample_tokens(logits[i : i + 1], params[i : i + 1], generators[i : i + 1], history)[0])
                 except Exception as err:
                     self._fail(seq, "sampling", err, touched)
                     out.append(None)
@@ -488,6 +501,10 @@ class LLMEngine:
     def _collect(self, request_id: str) -> RequestOutput:
         """Fill the request's outputs from its sequences (text decoded, stop strings trimmed)."""
         request = self._requests[request_id]
+        first = self._sequences[request_id][0]
+        if first.prompt_logprobs is not None:
+            request.prompt_logprobs = list(first.prompt_logprobs)
+            request.prompt_top_logprobs = list(first.prompt_top_logprobs or [])
         for seq, out in zip(self._sequences[request_id], request.outputs, strict=True):
             out.token_ids = list(seq.output_ids)
             out.finish_reason = seq.finish_reason

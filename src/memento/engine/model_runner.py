@@ -69,6 +69,9 @@ class StepResult:
 
     logits: torch.Tensor  # (B, vocab) at each sequence's last scheduled row, float32
     live_keys: list[int]  # keys that last row attended to
+    tail_logits: torch.Tensor | None = None
+    """(B, keep, vocab) at the last ``keep`` query columns (rows are left-padded, so a sequence's
+    ``len(rows)`` rows are its last columns), when :meth:`ModelRunner.run` was asked for them."""
 
 
 class ModelRunner:
@@ -97,8 +100,9 @@ class ModelRunner:
         self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
 
     @torch.inference_mode()
-    def run(self, work: Seq[tuple[Sequence, range, list[int]]]) -> StepResult:
-        """Forward ``rows`` of each sequence (their KV going to ``slots``) and return last-row logits."""
+    def run(self, work: Seq[tuple[Sequence, range, list[int]]], keep: int = 1) -> StepResult:
+        """Forward ``rows`` of each sequence (their KV going to ``slots``) and return last-row logits;
+        with ``keep`` > 1 also the logits of the last ``keep`` columns (prompt logprobs)."""
         q_len = max(len(rows) for _, rows, _ in work)
         k_len = max(seq.num_live + len(rows) for seq, rows, _ in work)
         batch = len(work)
@@ -148,7 +152,8 @@ class ModelRunner:
             position_ids=position_ids_t.to(self.device),
             attention_mask=attention_mask,
             use_cache=True,
-            logits_to_keep=1,
+            logits_to_keep=min(max(keep, 1), q_len),
             **{self.cache_kwarg: self.cache},
         )
-        return StepResult(logits=out.logits[:, -1, :].float(), live_keys=[int(n) for n in live_keys])
+        tail = out.logits.float() if keep > 1 else None
+        return StepResult(logits=out.logits[:, -1, :].float(), live_keys=[int(n) for n in live_keys], tail_logits=tail)

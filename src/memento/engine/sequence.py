@@ -78,6 +78,11 @@ class Sequence:
         self.top_logprobs: list[dict[int, float] | None] = []
         self.cap_forced: list[int] = []  # indices into output_ids of tokens the block cap forced
         self.kept_logits: list = []
+        self.prompt_logprobs: list[float | None] | None = None
+        self.prompt_top_logprobs: list[dict[int, float] | None] | None = None
+        if params.prompt_logprobs is not None and sample_index == 0:  # the samples share one prompt
+            self.prompt_logprobs = [None] * len(self.prompt_ids)
+            self.prompt_top_logprobs = [None] * len(self.prompt_ids)
         self.stats = KVStats()
         self.block_cap.feed(self.prompt_ids)
         self.reset_rows()
@@ -125,6 +130,37 @@ class Sequence:
     def feed_last_output(self) -> None:
         """Give the newest output token its row(s); raises MementoFormatError on malformed structure."""
         self._feed(self.output_ids[-1:])
+
+    # -- prompt logprobs ---------------------------------------------------------------------
+
+    def scores_prompt_rows(self, rows: range) -> bool:
+        """Whether ``rows`` hold the output of a prompt token that predicts the next prompt token."""
+        if self.prompt_logprobs is None or len(self.prompt_ids) < 2:
+            return False
+        return rows.start <= int(self.layout.row_of_token[len(self.prompt_ids) - 2])
+
+    def score_prompt(self, rows: range, logits: torch.Tensor) -> None:
+        """Record the prompt logprobs that ``rows``' logits (len(rows) x vocab) give.
+
+        Token ``t + 1`` is predicted at ``row_of_token[t]`` (in restart mode, rows of recomputed
+        mementos predict nothing of the prompt). A recomputation after preemption writes the same
+        values again.
+        """
+        assert self.prompt_logprobs is not None and self.prompt_top_logprobs is not None
+        predictors = np.asarray(self.layout.row_of_token[: len(self.prompt_ids) - 1])
+        tokens = np.nonzero((predictors >= rows.start) & (predictors < rows.stop))[0]
+        if tokens.size == 0:
+            return
+        logprobs = torch.log_softmax(logits[torch.from_numpy(predictors[tokens] - rows.start)].float(), dim=-1)
+        targets = torch.as_tensor([self.prompt_ids[t + 1] for t in tokens.tolist()])
+        chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()
+        k = self.params.prompt_logprobs or 0
+        top = torch.topk(logprobs, k) if k > 0 else None
+        for i, t in enumerate(tokens.tolist()):
+            self.prompt_logprobs[t + 1] = chosen[i]
+            alternatives = dict(zip(top.indices[i].tolist(), top.values[i].tolist(), strict=True)) if top else {}
+            alternatives[self.prompt_ids[t + 1]] = chosen[i]
+            self.prompt_top_logprobs[t + 1] = alternatives
 
     # -- slots -------------------------------------------------------------------------------
 
