@@ -80,10 +80,22 @@ class Fuzzer:
             key = f"{label}: {type(exc).__name__}: {' / '.join(line.strip() for line in first[:4])[:300]}"
             self.failures.setdefault(key, str(exc)[:4000])
 
-    def coverage(self, schema: Any, operation: Any) -> None:
-        generation = schema.config.generation_for(operation=operation)
-        for case in schema.iter_coverage_cases(operation, generation_modes=list(MODES), generation_config=generation):
-            self.run(case, f"coverage-{case.meta.generation.mode.value if case.meta else '?'}")
+    def coverage(self, schema: Any, operations: list[Any]) -> None:
+        """Every operation's coverage cases, taken in turns: should the budget run out, each operation
+        has had its share (the completions route's many fields would otherwise use it all up)."""
+        streams = []
+        for operation in operations:
+            generation = schema.config.generation_for(operation=operation)
+            streams.append(
+                iter(schema.iter_coverage_cases(operation, generation_modes=list(MODES), generation_config=generation))
+            )
+        while streams:
+            for stream in list(streams):
+                case = next(stream, None)
+                if case is None:
+                    streams.remove(stream)
+                    continue
+                self.run(case, f"coverage-{case.meta.generation.mode.value if case.meta else '?'}")
 
     def fuzz(self, operation: Any, mode: GenerationMode, examples: int) -> None:
         @settings(
@@ -123,8 +135,7 @@ def main() -> None:
     schema = schemathesis.openapi.from_url(f"{args.base_url}/openapi.json")
     fuzzer = Fuzzer(args.base_url, args.budget_s)
     operations = [result.ok() for result in schema.get_all_operations()]
-    for operation in operations:  # every operation's coverage cases first, should the budget run out
-        fuzzer.coverage(schema, operation)
+    fuzzer.coverage(schema, operations)  # every operation's coverage cases first, should the budget run out
     for mode in MODES:
         for operation in operations:
             fuzzer.fuzz(operation, mode, args.examples)

@@ -402,16 +402,6 @@ def test_draining_answers_503_and_health_says_so(model, tok) -> None:
         running.stop()
 
 
-def test_one_prompt_per_completion_request(client) -> None:
-    single = client.completions.create(model="tiny", prompt=[PROMPT], max_tokens=3, temperature=0)
-    assert (
-        single.choices[0].text
-        == client.completions.create(model="tiny", prompt=PROMPT, max_tokens=3, temperature=0).choices[0].text
-    )
-    with pytest.raises(openai.BadRequestError, match="one prompt per request"):
-        client.completions.create(model="tiny", prompt=[PROMPT, PROMPT], max_tokens=3)
-
-
 # ----------------------------------------------------------------------------------------------
 # One request never takes the server down (issue 16)
 # ----------------------------------------------------------------------------------------------

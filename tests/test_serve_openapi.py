@@ -106,7 +106,9 @@ def test_the_error_schema_is_openais_error_object(doc, server) -> None:
         ({"prompt": []}, "prompt is empty"),
         ({"prompt": [""]}, "prompt is empty"),
         ({"prompt": [3, -1]}, "prompt"),
-        ({"prompt": ["a", "b"]}, "one prompt per request"),
+        ({"prompt": ["a", ""]}, "prompt is empty"),
+        ({"prompt": [[5], []]}, "prompt is empty"),
+        ({"prompt": "x", "response_format": {"type": "json_object"}}, "response_format"),
         ({"prompt": "x", "stop": ""}, "stop"),
         ({"prompt": "x", "stop": ["ok", ""]}, "stop"),
         ({"prompt": "x", "stop_token_ids": [-1]}, "stop_token_ids"),
@@ -138,6 +140,10 @@ def test_what_the_schema_refuses_is_a_400_that_says_why(doc, server, body, needl
         {"prompt": [5, 6]},
         {"prompt": ["x"]},  # OpenAI's batch form, a batch of one
         {"prompt": [[5, 6]]},
+        {"prompt": ["x", "y z"], "n": 2},  # a batch: choices i * n + j
+        {"prompt": [[5, 6], [7]]},
+        {"prompt": "x", "echo": True, "logprobs": 1},
+        {"prompt": "x", "response_format": {"type": "text"}, "repetition_penalty": 1.0, "min_p": 0},
         {"prompt": "x", "n": 2.0},  # an integer, as JSON Schema reads it
         {"prompt": "x", "seed": 2**63 - 1, "n": 3},
         {"prompt": "x", "seed": -(2**63)},
@@ -161,8 +167,10 @@ def test_what_the_schema_accepts_the_server_serves(doc, server, body) -> None:
         ("/v1/completions", {"prompt": [5, 105]}, "out of the vocabulary"),
         ("/v1/completions", {"prompt": "x" * 200}, "context"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "logprobs"),
+        ("/v1/completions", {"prompt": "x", "echo": True, "logprobs": 1, "stream": True}, "echo with logprobs"),
+        ("/v1/completions", {"prompt": ["x", "y" * 200]}, "context"),
     ],
-    ids=["best_of", "stream_options", "vocabulary", "context", "top_logprobs"],
+    ids=["best_of", "stream_options", "vocabulary", "context", "top_logprobs", "echo-stream", "batch-context"],
 )
 def test_rules_no_schema_can_state_are_the_documented_400(doc, server, path, body, needle) -> None:
     """Rules across fields and rules of the model served: schema-valid, refused with a 400 that says why."""

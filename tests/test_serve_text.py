@@ -10,6 +10,7 @@ from memento.serve.text import (
     ReasoningStream,
     final_text,
     reasoning_token_count,
+    special_ids,
     split_reasoning,
     think_token_ids,
 )
@@ -104,3 +105,20 @@ def test_reasoning_tokens_are_those_the_split_calls_reasoning(tok, text, count) 
     assert think == tuple(tok.convert_tokens_to_ids(["<think>", "</think>"]))
     assert reasoning_token_count(ids(tok, text), think) == count
     assert reasoning_token_count(ids(tok, text), None) == 0  # tags that are not single tokens: no count
+
+
+def test_skipping_special_tokens_keeps_the_think_tags_for_the_chat_split(tok) -> None:
+    text = "<think>\n<|block_start|>a1 b2<|block_end|><|summary_start|>m3<|summary_end|>\n</think>\nANSWER 7<|im_end|>"
+    token_ids = ids(tok, text)
+    params = SamplingParams()
+    chat_skip = special_ids(tok, keep_think_tags=True)
+    final = final_text(tok, token_ids, "length", None, params, chat_skip)
+    assert split_reasoning(final) == ("a1 b2m3", "ANSWER 7")
+    streamed = IncrementalText(tok, params, chat_skip)
+    pieces = [streamed.delta(token_ids[: i + 1], {tok.eos_token_id}) for i in range(len(token_ids))]
+    assert "".join(pieces) + streamed.finish(final) == final
+    # completions drop the think tags too; without skipping nothing is dropped
+    assert final_text(tok, token_ids, "length", None, params, special_ids(tok, keep_think_tags=False)) == (
+        "\na1 b2m3\n\nANSWER 7"
+    )
+    assert final_text(tok, token_ids, "length", None, params) == text

@@ -33,6 +33,7 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
@@ -68,6 +69,7 @@ from memento.serve.text import (
     ReasoningStream,
     final_text,
     reasoning_token_count,
+    special_ids,
     split_reasoning,
     think_token_ids,
 )
@@ -184,22 +186,24 @@ def _chat_logprobs(tokenizer: Any, token_ids: list[int], logprobs: list, tops: l
     return {"content": content}
 
 
-def _usage(output: RequestOutput, chat: bool, think_ids: tuple[int, int] | None) -> dict:
+def _usage(outputs: list[RequestOutput], chat: bool, think_ids: tuple[int, int] | None) -> dict:
     """vLLM's usage fields (chat: the reasoning tokens, 0 when the think tags are not single tokens;
-    completions: null details, as vLLM's), and the request's KV."""
-    completion = sum(len(o.token_ids) for o in output.outputs)
-    prompt = len(output.prompt_token_ids)
+    completions: null details, as vLLM's), and the request's KV; summed over a batch of prompts (the
+    peak: the largest)."""
+    samples = [o for output in outputs for o in output.outputs]
+    completion = sum(len(o.token_ids) for o in samples)
+    prompt = sum(len(output.prompt_token_ids) for output in outputs)
     details = None
     if chat:
-        details = {"reasoning_tokens": sum(reasoning_token_count(o.token_ids, think_ids) for o in output.outputs)}
+        details = {"reasoning_tokens": sum(reasoning_token_count(o.token_ids, think_ids) for o in samples)}
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
         "prompt_tokens_details": None,
         "completion_tokens_details": details,
-        "peak_kv_tokens": max((o.kv.peak for o in output.outputs), default=0),
-        "evicted_tokens": sum(o.kv.evicted_tokens for o in output.outputs),
+        "peak_kv_tokens": max((o.kv.peak for o in samples), default=0),
+        "evicted_tokens": sum(o.kv.evicted_tokens for o in samples),
     }
 
 
@@ -217,8 +221,29 @@ def _stop_reason(sample: Any) -> Any:
     return sample.stop_reason if sample.finish_reason != "format_error" else FORMAT_ERROR_STOP
 
 
-def _sample_text(tokenizer: Any, sample: Any, params: SamplingParams) -> str:
-    return final_text(tokenizer, sample.token_ids, sample.finish_reason, sample.stop_reason, params)
+@dataclass(frozen=True)
+class Rendering:
+    """How a request's samples become text: the route, the prompt echoed before the completion
+    (completions' ``echo``) and the tokens left out of the text (``skip_special_tokens``)."""
+
+    chat: bool
+    echo: bool = False
+    skip_ids: frozenset[int] = frozenset()
+
+    @classmethod
+    def of(cls, state: ServerState, body: CompletionRequest | ChatCompletionRequest, chat: bool) -> Rendering:
+        skip = special_ids(state.tokenizer, keep_think_tags=chat) if body.skip_special_tokens else frozenset()
+        return cls(chat, bool(getattr(body, "echo", False)), skip)
+
+    def prompt_text(self, tokenizer: Any, prompt_ids: list[int]) -> str:
+        """The echoed prompt ("" without echo)."""
+        if not self.echo:
+            return ""
+        return tokenizer.decode([t for t in prompt_ids if t not in self.skip_ids])
+
+
+def _sample_text(tokenizer: Any, sample: Any, params: SamplingParams, rendering: Rendering) -> str:
+    return final_text(tokenizer, sample.token_ids, sample.finish_reason, sample.stop_reason, params, rendering.skip_ids)
 
 
 def _logprobs(tokenizer: Any, chat: bool, token_ids: list[int], logprobs: list, tops: list, offset: int = 0) -> dict:
@@ -299,39 +324,45 @@ async def _respond(
     state: ServerState,
     request: Request,
     route: str,
-    prompt_ids: list[int],
+    prompts: list[list[int]],
     params: SamplingParams,
     body: CompletionRequest | ChatCompletionRequest,
-    chat: bool,
+    rendering: Rendering,
 ) -> StreamingResponse | dict:
-    """Submit the request, then stream it or wait for the whole response."""
-    try:
-        events = state.async_engine.generate(prompt_ids, params)
-        first = await anext(events)  # raises before any byte is sent when overloaded
-    except EngineOverloaded as err:
-        raise ApiError(429, str(err), "rate_limit_exceeded") from None
-    except EngineUnavailable as err:
-        raise ApiError(503, str(err), "service_unavailable") from None
-    state.prompt_tokens.inc(len(prompt_ids))
-    request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+    """Submit every prompt of the request (the engine batches them), then stream or wait for all."""
+    streams = [state.async_engine.generate(prompt_ids, params) for prompt_ids in prompts]
+    firsts = await asyncio.gather(*(anext(events) for events in streams), return_exceptions=True)
+    refused = next((f for f in firsts if isinstance(f, BaseException)), None)
+    if refused is not None:
+        for events in streams:  # the prompts that got in are aborted
+            await events.aclose()
+        if isinstance(refused, EngineOverloaded):
+            raise ApiError(429, str(refused), "rate_limit_exceeded") from None
+        if isinstance(refused, EngineUnavailable):
+            raise ApiError(503, str(refused), "service_unavailable") from None
+        raise refused
+    state.prompt_tokens.inc(sum(len(p) for p in prompts))
+    request_id = f"{'chatcmpl' if rendering.chat else 'cmpl'}-{uuid.uuid4().hex}"
+    started = list(zip(firsts, streams, strict=True))
     response: StreamingResponse | dict
     if body.stream:
-        stream = _stream(state, request_id, first, events, params, body, chat)
+        stream = _stream(state, request_id, started, prompts, params, body, rendering)
         response = StreamingResponse(stream, media_type="text/event-stream")
     else:
-        output = await _collect_unless_gone(request, first, events)
-        if output is None:
+        outputs = await _collect_unless_gone(request, started)
+        if outputs is None:
             raise ApiError(499, "the client closed the request", "client_closed")
-        response = _full_response(state, request_id, output, params, chat)
+        response = _full_response(state, request_id, outputs, params, rendering)
     state.requests.labels(route, "200").inc()
     return response
 
 
 async def _collect_unless_gone(
-    request: Request, first: list, events: AsyncGenerator[list, None]
-) -> RequestOutput | None:
-    """The finished output, or None when the client disconnects first (the request is aborted)."""
-    task = asyncio.create_task(_collect(first, events))
+    request: Request, started: list[tuple[list, AsyncGenerator[list, None]]]
+) -> list[RequestOutput] | None:
+    """The finished outputs, in prompt order, or None when the client disconnects first (every prompt
+    is aborted)."""
+    task = asyncio.create_task(_collect_all(started))
     try:
         while True:
             done, _ = await asyncio.wait({task}, timeout=0.1)
@@ -344,6 +375,18 @@ async def _collect_unless_gone(
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+async def _collect_all(started: list[tuple[list, AsyncGenerator[list, None]]]) -> list[RequestOutput]:
+    """Every prompt's output; the first error cancels (aborts) the others and is raised."""
+    tasks = [asyncio.create_task(_collect(first, events)) for first, events in started]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            if not task.done():
+                task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _collect(first: list, events: AsyncGenerator[list, None]) -> RequestOutput:
@@ -362,99 +405,143 @@ async def _collect(first: list, events: AsyncGenerator[list, None]) -> RequestOu
 
 
 def _full_response(
-    state: ServerState, request_id: str, output: RequestOutput, params: SamplingParams, chat: bool
+    state: ServerState, request_id: str, outputs: list[RequestOutput], params: SamplingParams, rendering: Rendering
 ) -> dict:
     tokenizer = state.tokenizer
     choices = []
-    for sample in output.outputs:
-        text = _sample_text(tokenizer, sample, params)
-        logprobs = None
-        if params.logprobs is not None:
-            ids = _visible_ids(sample, params)
-            n = len(ids)
-            logprobs = _logprobs(tokenizer, chat, ids, sample.logprobs[:n], sample.top_logprobs[:n])
-        if chat:
-            reasoning, answer = split_reasoning(text)
-            message = {"role": "assistant", "content": answer, "reasoning": reasoning, "reasoning_content": reasoning}
-            field, content = "message", message
-        else:
-            field, content = "text", text
-        choice = _choice(
-            sample.index, field, content, logprobs, _finish_reason(sample), stop_reason=_stop_reason(sample)
-        )
-        choices.append(choice)
-    kind = "chat.completion" if chat else "text_completion"
-    usage = _usage(output, chat, state.think_ids)
+    for p, output in enumerate(outputs):
+        prompt_text = rendering.prompt_text(tokenizer, output.prompt_token_ids)
+        for sample in output.outputs:
+            text = prompt_text + _sample_text(tokenizer, sample, params, rendering)
+            logprobs = None
+            if params.logprobs is not None:
+                ids = _visible_ids(sample, params)
+                n = len(ids)
+                lps, tops = list(sample.logprobs[:n]), list(sample.top_logprobs[:n])
+                if rendering.echo:  # the prompt's tokens first (the first has no logprob)
+                    ids = output.prompt_token_ids + ids
+                    lps = list(output.prompt_logprobs or []) + lps
+                    tops = list(output.prompt_top_logprobs or []) + tops
+                logprobs = _logprobs(tokenizer, rendering.chat, ids, lps, tops)
+            if rendering.chat:
+                reasoning, answer = split_reasoning(text)
+                message = {
+                    "role": "assistant",
+                    "content": answer,
+                    "reasoning": reasoning,
+                    "reasoning_content": reasoning,
+                }
+                field, content = "message", message
+            else:
+                field, content = "text", text
+            index = p * params.n + sample.index
+            choices.append(
+                _choice(index, field, content, logprobs, _finish_reason(sample), stop_reason=_stop_reason(sample))
+            )
+    kind = "chat.completion" if rendering.chat else "text_completion"
+    usage = _usage(outputs, rendering.chat, state.think_ids)
     return _envelope(request_id, kind, int(time.time()), state.model_name, choices, usage=usage)
+
+
+async def _merged(started: list[tuple[list, AsyncGenerator[list, None]]]) -> AsyncIterator[tuple[int, list]]:
+    """(prompt index, batch) from every prompt's events as they come; a prompt is done at its finished or
+    error event. Leaving early (an error, a client gone) aborts the prompts still running."""
+    streams = [events for _, events in started]
+    waiting: dict[asyncio.Task, int] = {}
+    try:
+        for p, (first, _) in enumerate(started):
+            yield p, first
+            if not isinstance(first[-1], FinishedEvent | ErrorEvent):
+                waiting[asyncio.create_task(anext(streams[p]))] = p  # type: ignore[arg-type]
+        while waiting:
+            done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            for task in sorted(done, key=waiting.__getitem__):
+                p = waiting.pop(task)
+                batch = task.result()
+                yield p, batch
+                if not isinstance(batch[-1], FinishedEvent | ErrorEvent):
+                    waiting[asyncio.create_task(anext(streams[p]))] = p  # type: ignore[arg-type]
+    finally:
+        for task in waiting:
+            task.cancel()
+        await asyncio.gather(*waiting, return_exceptions=True)
+        for events in streams:
+            await events.aclose()
 
 
 async def _stream(
     state: ServerState,
     request_id: str,
-    first: list,
-    events: AsyncGenerator[list, None],
+    started: list[tuple[list, AsyncGenerator[list, None]]],
+    prompts: list[list[int]],
     params: SamplingParams,
     body: CompletionRequest | ChatCompletionRequest,
-    chat: bool,
+    rendering: Rendering,
 ) -> AsyncIterator[str]:
-    """Server-sent events: one chunk per sampled token, a final chunk per sample, [DONE]."""
-    tokenizer = state.tokenizer
+    """Server-sent events: one chunk per sampled token, a final chunk per sample, [DONE]. Choice
+    ``p * n + i`` is sample ``i`` of prompt ``p``; with ``echo`` its first chunk is the prompt."""
+    tokenizer, chat, n = state.tokenizer, rendering.chat, params.n
     kind = "chat.completion.chunk" if chat else "text_completion"
     envelope = functools.partial(_envelope, request_id, kind, int(time.time()), state.model_name)
-    texts = [IncrementalText(tokenizer, params) for _ in range(params.n)]
-    reasoning = [ReasoningStream() if chat else None for _ in range(params.n)]
-    ids: list[list[int]] = [[] for _ in range(params.n)]
-    offsets = [0] * params.n
+    choices = len(started) * n
+    texts = [IncrementalText(tokenizer, params, rendering.skip_ids) for _ in range(choices)]
+    reasoning = [ReasoningStream() if chat else None for _ in range(choices)]
+    ids: list[list[int]] = [[] for _ in range(choices)]
+    offsets = [0] * choices
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     no_usage = {"usage": None} if include_usage else {}
+    outputs: list[RequestOutput | None] = [None] * len(started)
+    events = _merged(started)
 
     try:
         if chat:
             role = {"role": "assistant", "content": ""}
-            yield _sse(envelope([_choice(i, "delta", role) for i in range(params.n)], **no_usage))
-        batch = first
-        while True:
+            yield _sse(envelope([_choice(c, "delta", role) for c in range(choices)], **no_usage))
+        if rendering.echo:
+            for p, prompt_ids in enumerate(prompts):
+                text = rendering.prompt_text(tokenizer, prompt_ids)
+                for c in range(p * n, (p + 1) * n):
+                    offsets[c] = len(text)
+                    yield _sse(envelope([_choice(c, "text", text, None, None)], **no_usage))
+        async for p, batch in events:
             # One chunk per sample per batch: a batch is one engine step, or several when this
             # stream fell behind (then their tokens go out together).
             tokens: dict[int, list[TokenEvent]] = {}
             for event in batch:
                 if isinstance(event, TokenEvent):
-                    tokens.setdefault(event.index, []).append(event)
-            for i, got in tokens.items():
-                ids[i].extend(e.token_id for e in got)
-                delta = texts[i].delta(ids[i], state.eos_ids)
+                    tokens.setdefault(p * n + event.index, []).append(event)
+            for c, got in tokens.items():
+                ids[c].extend(e.token_id for e in got)
+                delta = texts[c].delta(ids[c], state.eos_ids)
                 logprobs = None
                 if params.logprobs is not None:
                     shown = [e for e in got if e.token_id not in state.eos_ids | set(params.stop_token_ids)]
                     one = [e.token_id for e in shown]
                     lps, tops = [e.sampled.logprob for e in shown], [e.sampled.top_logprobs for e in shown]
-                    logprobs = _logprobs(tokenizer, chat, one, lps, tops, offsets[i])
-                offsets[i] += len(delta)
+                    logprobs = _logprobs(tokenizer, chat, one, lps, tops, offsets[c])
+                offsets[c] += len(delta)
                 if delta or logprobs is not None:
-                    yield _sse(envelope([_stream_choice(i, delta, reasoning[i], logprobs=logprobs)], **no_usage))
+                    yield _sse(envelope([_stream_choice(c, delta, reasoning[c], logprobs=logprobs)], **no_usage))
             last = batch[-1]
             if isinstance(last, ErrorEvent):
                 yield _sse(error_body(last.message, _ERROR_KINDS[last.status]))
                 break
             if isinstance(last, FinishedEvent):
-                output = last.output
+                output = outputs[p] = last.output
                 for sample in output.outputs:
-                    rest = texts[sample.index].finish(_sample_text(tokenizer, sample, params))
+                    c = p * n + sample.index
+                    rest = texts[c].finish(_sample_text(tokenizer, sample, params, rendering))
                     choice = _stream_choice(
-                        sample.index,
-                        rest,
-                        reasoning[sample.index],
-                        _finish_reason(sample),
-                        stop_reason=_stop_reason(sample),
+                        c, rest, reasoning[c], _finish_reason(sample), stop_reason=_stop_reason(sample)
                     )
                     yield _sse(envelope([choice], **no_usage))
-                if include_usage:
-                    yield _sse(envelope([], usage=_usage(output, chat, state.think_ids)))
-                break
-            batch = await anext(events)
+        else:
+            if include_usage:
+                done = [o for o in outputs if o is not None]
+                yield _sse(envelope([], usage=_usage(done, chat, state.think_ids)))
         yield "data: [DONE]\n\n"
     finally:
-        await events.aclose()  # a client gone mid-stream: the request is aborted here
+        await events.aclose()  # a client gone mid-stream: every prompt still running is aborted here
 
 
 # -- the routes ------------------------------------------------------------------------------------
@@ -631,9 +718,16 @@ async def models(request: Request):
 async def completions(body: CompletionRequest, request: Request):
     state = _state(request)
     _check_model(state, body.model)
-    prompt_ids = _encode(state.tokenizer, body.prompt) if isinstance(body.prompt, str) else body.prompt
-    params = _prepare(state, prompt_ids, lambda: body.sampling_params(body.max_tokens or 16, body.logprobs))
-    return await _respond(state, request, "/v1/completions", prompt_ids, params, body, chat=False)
+    prompts = [_encode(state.tokenizer, p) if isinstance(p, str) else list(p) for p in body.prompts()]
+    prompt_logprobs = body.logprobs if body.echo else None
+    params = None
+    for prompt_ids in prompts:  # every prompt is checked before any is submitted
+        params = _prepare(
+            state, prompt_ids, lambda: body.sampling_params(body.max_tokens or 16, body.logprobs, prompt_logprobs)
+        )
+    assert params is not None
+    rendering = Rendering.of(state, body, chat=False)
+    return await _respond(state, request, "/v1/completions", prompts, params, body, rendering)
 
 
 @router.post("/v1/chat/completions", responses=_generation_responses(ChatCompletionResponse, ChatCompletionChunk))
@@ -643,13 +737,22 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     tokenizer = state.tokenizer
     if not getattr(tokenizer, "chat_template", None):
         raise ApiError(400, "this model's tokenizer has no chat template: use /v1/completions")
-    text = tokenizer.apply_chat_template(body.chat_messages(), tokenize=False, add_generation_prompt=True)
+    try:
+        text = tokenizer.apply_chat_template(
+            body.chat_messages(),
+            tokenize=False,
+            add_generation_prompt=body.add_generation_prompt,
+            **(body.chat_template_kwargs or {}),
+        )
+    except Exception as err:  # a template that fails on these messages or kwargs: the request's fault
+        raise ApiError(400, f"the chat template failed: {type(err).__name__}: {err}") from None
     prompt_ids = _encode(tokenizer, text)
     room = state.async_engine.engine.max_model_len - len(prompt_ids)
     max_tokens = body.max_completion_tokens or body.max_tokens or max(room, 1)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     params = _prepare(state, prompt_ids, lambda: body.sampling_params(max_tokens, logprobs))
-    return await _respond(state, request, "/v1/chat/completions", prompt_ids, params, body, chat=True)
+    rendering = Rendering.of(state, body, chat=True)
+    return await _respond(state, request, "/v1/chat/completions", [prompt_ids], params, body, rendering)
 
 
 # -- the app ---------------------------------------------------------------------------------------

@@ -20,7 +20,6 @@ which FastAPI does not re-validate).
 
 from __future__ import annotations
 
-import copy
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
@@ -70,6 +69,32 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+class ResponseFormat(_Strict):
+    type: Literal["text"]
+
+
+def _text_format_only(value: Any) -> Any:
+    """``{"type": "text"}`` (what litellm, hence lighteval, sends with every request) is plain decoding;
+    the JSON modes would need constrained decoding, which this server does not do."""
+    if isinstance(value, dict) and value.get("type") not in (None, "text"):
+        raise ValueError(
+            f"response_format type {value.get('type')!r} is not supported: this server has no constrained "
+            'decoding (only {"type": "text"})'
+        )
+    return value
+
+
+def _unsupported(name: str, neutral: str) -> BeforeValidator:
+    """A field accepted at its neutral value only, with a message that names it."""
+
+    def check(value: Any) -> Any:
+        if value is not None:
+            raise ValueError(f"{name} is not supported by this server (only {neutral})")
+        return value
+
+    return BeforeValidator(check)
+
+
 class _Sampling(_Strict):
     model: str | None = None
     temperature: Annotated[float, Field(ge=0, le=2)] = 1.0
@@ -83,11 +108,22 @@ class _Sampling(_Strict):
     frequency_penalty: Neutral = 0
     logit_bias: Annotated[dict[str, float], Field(max_length=0)] | None = None
     user: str | None = None
+    response_format: Annotated[ResponseFormat | None, BeforeValidator(_text_format_only)] = None
+    # Sent by OpenAI-style clients; neutral here: nothing is stored, metadata is not kept.
+    store: Annotated[Literal[False], BeforeValidator(_bool)] | None = None
+    metadata: dict[str, str] | None = None
+    service_tier: Literal["auto", "default"] | None = None
     # vLLM's extras
     top_k: Annotated[int, Field(ge=-1), INTEGRAL] = -1
+    min_p: Annotated[float, Field(ge=0, le=1)] = 0.0
+    repetition_penalty: Annotated[float, Field(gt=0, le=2**31)] = 1.0
+    min_tokens: Neutral = 0
     ignore_eos: bool = False
     stop_token_ids: list[TokenId] = Field(default_factory=list)
     include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = False
+    """False by default here (vLLM's default is true): a memento model's text is its delimiters. True
+    drops special tokens from the returned text (the chat's reasoning is still split at ``<think>``)."""
 
     @field_validator("logit_bias", mode="before")
     @classmethod
@@ -105,12 +141,16 @@ class _Sampling(_Strict):
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
-    def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    def sampling_params(
+        self, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None
+    ) -> SamplingParams:
         return SamplingParams(
             n=self.n,
             temperature=self.temperature,
             top_p=self.top_p,
             top_k=self.top_k,
+            min_p=self.min_p,
+            repetition_penalty=self.repetition_penalty,
             max_tokens=max_tokens,
             stop=self.stops(),
             stop_token_ids=list(self.stop_token_ids),
@@ -118,37 +158,30 @@ class _Sampling(_Strict):
             include_stop_str_in_output=self.include_stop_str_in_output,
             seed=self.seed,
             logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
         )
 
 
-def _batch_of_one(schema: dict[str, Any]) -> None:
-    """The prompt's schema also names OpenAI's batch form, for a batch of one (which is unwrapped)."""
-    forms = copy.deepcopy(schema["anyOf"])
-    batch = {"type": "array", "items": {"anyOf": forms}, "minItems": 1, "maxItems": 1, "description": "one prompt"}
-    schema["anyOf"].append(batch)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
 class CompletionRequest(_Sampling):
-    prompt: Annotated[NonEmptyStr | TokenIds, Field(json_schema_extra=_batch_of_one)]
+    prompt: (
+        NonEmptyStr
+        | TokenIds
+        | Annotated[list[NonEmptyStr], Field(min_length=1)]
+        | Annotated[list[TokenIds], Field(min_length=1)]
+    ) = Field(description="a prompt (text or token ids), or a batch of them (choice i * n + j: prompt i, sample j)")
 
     @field_validator("prompt", mode="before")
     @classmethod
-    def _one_prompt(cls, prompt: Any) -> Any:
-        if isinstance(prompt, list) and prompt and not all(_is_number(p) for p in prompt):
-            if len(prompt) != 1 or not isinstance(prompt[0], str | list):
-                raise ValueError("one prompt per request: send several prompts as several requests")
-            prompt = prompt[0]  # a batch of one is one prompt
-        if prompt in ("", []):
+    def _not_empty(cls, prompt: Any) -> Any:
+        if prompt in ("", []) or (isinstance(prompt, list) and any(p in ("", []) for p in prompt)):
             raise ValueError("prompt is empty")
         return prompt
 
     max_tokens: Annotated[int, Field(ge=1), INTEGRAL] | None = 16
     logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS), INTEGRAL] | None = None
-    echo: Annotated[Literal[False], BeforeValidator(_bool)] = False
+    echo: Annotated[bool, BeforeValidator(_bool)] = False
+    """The prompt before the completion; with ``logprobs``, the prompt tokens' logprobs too (the first
+    null), computed under the memento mask."""
     best_of: Annotated[int, Field(ge=1, le=128), INTEGRAL] | None = None
     suffix: None = None
 
@@ -156,7 +189,16 @@ class CompletionRequest(_Sampling):
     def _best_of(self) -> CompletionRequest:
         if self.best_of is not None and self.best_of != self.n:
             raise ValueError("best_of is not supported (only best_of == n)")
+        if self.echo and self.stream and self.logprobs is not None:
+            raise ValueError("echo with logprobs is not supported when streaming (send stream=false)")
         return self
+
+    def prompts(self) -> list[str | list[int]]:
+        """The batch: one prompt or several, in order."""
+        prompt = self.prompt
+        if isinstance(prompt, str) or (prompt and not isinstance(prompt[0], str | list)):
+            return [prompt]  # type: ignore[list-item]
+        return list(prompt)  # type: ignore[arg-type]
 
 
 class TextPart(_Strict):
@@ -178,17 +220,44 @@ class ChatMessage(_Strict):
         return self.content or ""
 
 
+RESERVED_TEMPLATE_KWARGS = frozenset({"conversation", "messages", "tokenize", "add_generation_prompt", "tools"})
+"""``chat_template_kwargs`` keys that would override the server's own arguments to the template."""
+
+
+def _no_tools(value: Any) -> Any:
+    if value:
+        raise ValueError("tools are not supported by this server (only an empty list)")
+    return value
+
+
+def _no_tool_choice(value: Any) -> Any:
+    if value not in (None, "none", "auto"):
+        raise ValueError('tool_choice is not supported by this server (only "none", or "auto" with no tools)')
+    return value
+
+
 class ChatCompletionRequest(_Sampling):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_tokens: Annotated[int, Field(ge=1), INTEGRAL] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1), INTEGRAL] | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS), INTEGRAL] | None = None
+    # vLLM's chat extras: the template's switches, passed to it
+    add_generation_prompt: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None
+    # neutral here: no tools, one reasoning mode
+    tools: Annotated[list[dict[str, Any]], Field(max_length=0), BeforeValidator(_no_tools)] | None = None
+    tool_choice: Annotated[Literal["none", "auto"], BeforeValidator(_no_tool_choice)] | None = None
+    parallel_tool_calls: bool | None = None
+    reasoning_effort: Annotated[None, _unsupported("reasoning_effort", "null: a memento model has one mode")] = None
 
     @model_validator(mode="after")
     def _logprobs(self) -> ChatCompletionRequest:
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs=true")
+        reserved = RESERVED_TEMPLATE_KWARGS & set(self.chat_template_kwargs or {})
+        if reserved:
+            raise ValueError(f"chat_template_kwargs may not set {sorted(reserved)}: they are the request's own")
         return self
 
     def chat_messages(self) -> list[dict[str, Any]]:

@@ -26,13 +26,21 @@ THINK_END = "</think>"
 
 
 def final_text(
-    tokenizer: Any, token_ids: list[int], finish_reason: str | None, stop_reason: Any, params: SamplingParams
+    tokenizer: Any,
+    token_ids: list[int],
+    finish_reason: str | None,
+    stop_reason: Any,
+    params: SamplingParams,
+    skip_ids: frozenset[int] = frozenset(),
 ) -> str:
-    """The text a finished (or aborted) sample returns."""
+    """The text a finished (or aborted) sample returns (``skip_ids``: tokens left out of the text,
+    for ``skip_special_tokens``)."""
     ids = token_ids
     ended_by_token = finish_reason == "eos" or (finish_reason == "stop" and isinstance(stop_reason, int))
     if ids and ended_by_token and not (finish_reason == "stop" and params.include_stop_str_in_output):
         ids = ids[:-1]
+    if skip_ids:
+        ids = [t for t in ids if t not in skip_ids]
     text = tokenizer.decode(ids)
     if isinstance(stop_reason, str):
         cut = text.find(stop_reason)
@@ -65,11 +73,23 @@ class IncrementalText:
 
     tokenizer: Any
     params: SamplingParams
+    skip_ids: frozenset[int] = frozenset()  # tokens left out of the text (skip_special_tokens)
     emitted: int = 0  # characters of the text already sent
     text: str = ""  # the decoded text so far (whole characters only)
     _prefix: int = 0  # token offsets: tokens[_prefix:_read] decode to the tail of ``text``
     _read: int = 0
     _stopped: bool = False
+    _kept: list[int] | None = None  # with skip_ids: the ids that are not skipped
+    _seen: int = 0  # with skip_ids: how many of the sample's ids were looked at
+
+    def _without_skipped(self, ids: list[int]) -> list[int]:
+        if not self.skip_ids:
+            return ids
+        if self._kept is None:
+            self._kept = []
+        self._kept.extend(t for t in ids[self._seen :] if t not in self.skip_ids)
+        self._seen = len(ids)
+        return self._kept
 
     def _advance(self, ids: list[int]) -> None:
         """Append the text of ``ids[self._read:]`` to :attr:`text` (holding back half characters)."""
@@ -89,6 +109,7 @@ class IncrementalText:
         ids = token_ids
         if ids and (ids[-1] in eos_token_ids or ids[-1] in self.params.stop_token_ids):
             ids = ids[:-1]
+        ids = self._without_skipped(ids)
         start = max(0, len(self.text) - max((len(s) for s in self.params.stop), default=0))
         self._advance(ids)
         text = self.text
@@ -122,6 +143,18 @@ def split_reasoning(text: str) -> tuple[str | None, str | None]:
     reasoning = text[body_from:end].strip("\n")
     answer = text[end + len(THINK_END) :].lstrip("\n")
     return reasoning or None, answer
+
+
+def special_ids(tokenizer: Any, keep_think_tags: bool) -> frozenset[int]:
+    """The ids ``skip_special_tokens`` leaves out of the text: the tokenizer's special tokens (the memento
+    delimiters, EOS, ...), but not ``<think>``/``</think>`` where the chat's reasoning split needs them."""
+    skip = set(getattr(tokenizer, "all_special_ids", []) or [])
+    for token in getattr(tokenizer, "added_tokens_decoder", {}).values():
+        if getattr(token, "special", False):
+            skip.add(tokenizer.convert_tokens_to_ids(token.content))
+    if keep_think_tags:
+        skip -= set(think_token_ids(tokenizer) or ())
+    return frozenset(skip)
 
 
 def think_token_ids(tokenizer: Any) -> tuple[int, int] | None:
