@@ -11,12 +11,11 @@ import openai
 import pytest
 import torch
 
-from helpers import memento_case, tiny_model
+from helpers import memento_case, running_tiny_server, tiny_model
 from memento.chat import assistant_prefix_ids
 from memento.engine import EngineConfig, LLMEngine, SamplingParams
 from memento.format import SpecialTokenIds
 from memento.reference import teacher_forced_logits
-from memento.serve.server import build_app, start_in_thread
 from memento.serve.text import final_text
 from memento.tiny_tokenizer import build_tiny_tokenizer
 
@@ -35,11 +34,10 @@ def model(tok):
 
 
 @pytest.fixture(scope="module")
-def server(model, tok):
-    app = build_app(model, EngineConfig.from_options(**CONFIG), tokenizer=tok, model_name="tiny")
-    running = start_in_thread(app)
-    yield running
-    running.stop()
+def server():
+    """The tiny model of :func:`model` (the same seed, so the same weights), served on 127.0.0.1."""
+    with running_tiny_server(**CONFIG) as (running, _):
+        yield running
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +129,23 @@ def test_echo_scores_the_prompt_under_the_memento_mask(client, model, tok) -> No
         assert tok.decode([ids[t]]) in top
     assert out.choices[0].text.startswith(tok.decode(ids))
     assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+
+
+def test_echo_logprobs_keep_the_generated_token_when_it_ends_the_sample(client, tok) -> None:
+    """lm-eval reads the prompt's scores as ``token_logprobs[ctxlen:-1]``: the last entry must be the one
+    generated token even when it is an EOS or stop id (which adds no text), or the prompt's last token
+    would be dropped from every score."""
+    ids = ids_of(tok, PROMPTS[0])
+    body = {"model": "tiny", "prompt": [ids], "max_tokens": 1, "logprobs": 1, "echo": True, "temperature": 0}
+    first = client.completions.create(**body).choices[0]
+    greedy = first.logprobs.token_logprobs[-1]
+    assert len(first.logprobs.token_logprobs) == len(ids) + 1
+    next_id = ids_of(tok, first.text[len(PROMPTS[0]) :])[0]
+    stopped = client.completions.create(**body, extra_body={"stop_token_ids": [next_id]}).choices[0]
+    assert stopped.finish_reason == "stop" and stopped.text == PROMPTS[0]  # the stop id adds no text
+    assert len(stopped.logprobs.token_logprobs) == len(ids) + 1
+    assert stopped.logprobs.token_logprobs[-1] == pytest.approx(greedy)
+    assert stopped.logprobs.token_logprobs[:-1] == pytest.approx(first.logprobs.token_logprobs[:-1])
 
 
 def test_echo_without_logprobs_and_streamed(client, tok) -> None:

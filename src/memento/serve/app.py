@@ -293,9 +293,14 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def _visible_ids(sample: Any, params: SamplingParams) -> list[int]:
-    """The sampled ids whose text is returned (a final EOS / stop id is not)."""
+def _logprob_ids(sample: Any, params: SamplingParams, chat: bool) -> list[int]:
+    """The sampled ids whose logprobs are returned. Completions: every one, a final EOS or stop id
+    included, as vLLM returns them (lm-eval's log-likelihood reads the prompt's logprobs as
+    ``token_logprobs[ctxlen:-1]``, taking the last entry for the one generated token). Chat: the
+    ids whose text is returned (a final EOS / stop id is not)."""
     ids, finish_reason = list(sample.token_ids), sample.finish_reason
+    if not chat:
+        return ids
     by_token = finish_reason == "eos" or (finish_reason == "stop" and isinstance(sample.stop_reason, int))
     if ids and by_token and not (finish_reason == "stop" and params.include_stop_str_in_output):
         ids = ids[:-1]
@@ -415,7 +420,7 @@ def _full_response(
             text = prompt_text + _sample_text(tokenizer, sample, params, rendering)
             logprobs = None
             if params.logprobs is not None:
-                ids = _visible_ids(sample, params)
+                ids = _logprob_ids(sample, params, rendering.chat)
                 n = len(ids)
                 lps, tops = list(sample.logprobs[:n]), list(sample.top_logprobs[:n])
                 if rendering.echo:  # the prompt's tokens first (the first has no logprob)
@@ -515,7 +520,8 @@ async def _stream(
                 delta = texts[c].delta(ids[c], state.eos_ids)
                 logprobs = None
                 if params.logprobs is not None:
-                    shown = [e for e in got if e.token_id not in state.eos_ids | set(params.stop_token_ids)]
+                    hidden = state.eos_ids | set(params.stop_token_ids) if chat else set()  # as _logprob_ids
+                    shown = [e for e in got if e.token_id not in hidden]
                     one = [e.token_id for e in shown]
                     lps, tops = [e.sampled.logprob for e in shown], [e.sampled.top_logprobs for e in shown]
                     logprobs = _logprobs(tokenizer, chat, one, lps, tops, offsets[c])
