@@ -13,12 +13,12 @@ $(STAMP): pyproject.toml
 	$(SYSPY) -m venv $(VENV)
 	# torch first, pinned, so pip takes the CPU wheel on disk rather than a multi-GB CUDA build.
 	$(PYTHON) -m pip install --quiet torch==2.13.0
-	$(PYTHON) -m pip install --quiet -e ".[dev]"
+	$(PYTHON) -m pip install --quiet -e ".[dev,harness]"
 	touch $(STAMP)
 
 lint: $(STAMP)
-	$(PYTHON) -m ruff check src tests benchmarks
-	$(PYTHON) -m ruff format --check src tests benchmarks
+	$(PYTHON) -m ruff check src tests benchmarks examples
+	$(PYTHON) -m ruff format --check src tests benchmarks examples
 	$(VENV)/bin/lint-imports
 
 # The whole suite: lint, the main environment's tests, then the vLLM backend's in its own environment.

@@ -83,6 +83,14 @@ PLAN: list[tuple[str, str]] = [
         "covered: tests/test_train_distributed.py (slow) runs it on 2 CPU processes against 1 process",
     ),
     (r"^accelerate launch --config_file fsdp\.yaml ", "not run: FSDP needs GPUs, there are none here (README)"),
+    (
+        r"^python examples/lm_eval/make_data\.py ",
+        "covered: tests/test_serve_lm_eval.py (slow) builds its data with make_data's lm_eval_record",
+    ),
+    (
+        r"^lm_eval --model local-completions ",
+        "covered: tests/test_serve_lm_eval.py (slow) runs it with the shipped task files on a tiny model",
+    ),
 ]
 BOUNDS: dict[str, str] = {
     "memento train": "--max-steps 4 --eval-steps 2 --batch-size 4",
