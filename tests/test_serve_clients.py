@@ -5,6 +5,7 @@ clients send at their neutral values (issue 23). The real harness runs in test_s
 from __future__ import annotations
 
 import random
+import time
 
 import httpx
 import openai
@@ -16,6 +17,7 @@ from memento.chat import assistant_prefix_ids
 from memento.engine import EngineConfig, LLMEngine, SamplingParams
 from memento.format import SpecialTokenIds
 from memento.reference import teacher_forced_logits
+from memento.serve.server import build_app, start_in_thread
 from memento.serve.text import final_text
 from memento.tiny_tokenizer import build_tiny_tokenizer
 
@@ -97,6 +99,27 @@ def test_a_batch_with_one_bad_prompt_is_refused_whole(client, server) -> None:
     with pytest.raises(openai.BadRequestError, match="KV budget"):
         client.completions.create(model="tiny", prompt=[PROMPTS[0], "x" * 3000], max_tokens=3)
     assert httpx.get(f"{server.base_url}/metrics").status_code == 200
+
+
+def test_a_batch_larger_than_the_queue_is_a_429_and_leaves_nothing_behind(model, tok) -> None:
+    """A batch whose prompts do not all fit in the queue is refused whole: the prompts that got in are
+    aborted (their KV freed), and the server goes on."""
+    config = EngineConfig.from_options(**CONFIG)
+    app = build_app(model, config, tokenizer=tok, model_name="tiny", max_pending_requests=2)
+    running = start_in_thread(app)
+    try:
+        client = openai.OpenAI(base_url=f"{running.base_url}/v1", api_key="unused", max_retries=0, timeout=60)
+        with pytest.raises(openai.RateLimitError):
+            client.completions.create(model="tiny", prompt=PROMPTS, max_tokens=1500, extra_body={"ignore_eos": True})
+        engine = app.state.memento.async_engine
+        deadline = time.monotonic() + 1  # an unaborted prompt would decode for seconds more
+        while (engine.pending or engine.engine.pool.num_used) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert engine.pending == 0 and engine.engine.pool.num_used == 0
+        two = client.completions.create(model="tiny", prompt=PROMPTS[:2], max_tokens=3)
+        assert len(two.choices) == 2
+    finally:
+        running.stop()
 
 
 # -- echo and prompt logprobs ----------------------------------------------------------------------

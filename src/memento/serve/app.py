@@ -137,6 +137,8 @@ class ServerState:
         self.prompt_tokens = Counter("memento_prompt_tokens", "prompt tokens received", registry=self.registry)
         self.registry.register(_EngineCollector(self))
         self.think_ids = think_token_ids(self.tokenizer)
+        self.skip_ids = {chat: special_ids(self.tokenizer, keep_think_tags=chat) for chat in (False, True)}
+        """What ``skip_special_tokens`` leaves out of the text, by route (chat keeps the think tags)."""
 
     @property
     def tokenizer(self) -> Any:
@@ -232,7 +234,7 @@ class Rendering:
 
     @classmethod
     def of(cls, state: ServerState, body: CompletionRequest | ChatCompletionRequest, chat: bool) -> Rendering:
-        skip = special_ids(state.tokenizer, keep_think_tags=chat) if body.skip_special_tokens else frozenset()
+        skip = state.skip_ids[chat] if body.skip_special_tokens else frozenset()
         return cls(chat, bool(getattr(body, "echo", False)), skip)
 
     def prompt_text(self, tokenizer: Any, prompt_ids: list[int]) -> str:
@@ -315,11 +317,15 @@ def _check_model(state: ServerState, name: str | None) -> None:
         raise ApiError(404, f"the model {name!r} does not exist; this server serves {state.model_name!r}", "not_found")
 
 
-def _prepare(state: ServerState, prompt_ids: list[int], params_builder: Callable[[], SamplingParams]) -> SamplingParams:
-    """The request's sampling parameters, checked by the engine; a ValueError from either is a 400."""
+def _prepare(
+    state: ServerState, prompts: list[list[int]], params_builder: Callable[[], SamplingParams]
+) -> SamplingParams:
+    """The request's sampling parameters, checked by the engine against every prompt before any is
+    submitted; a ValueError from either is a 400."""
     try:
         params = params_builder()
-        state.async_engine.validate(prompt_ids, params)
+        for prompt_ids in prompts:
+            state.async_engine.validate(prompt_ids, params)
     except ValueError as err:
         raise ApiError(400, str(err)) from None
     return params
@@ -725,13 +731,9 @@ async def completions(body: CompletionRequest, request: Request):
     state = _state(request)
     _check_model(state, body.model)
     prompts = [_encode(state.tokenizer, p) if isinstance(p, str) else list(p) for p in body.prompts()]
-    prompt_logprobs = body.logprobs if body.echo else None
-    params = None
-    for prompt_ids in prompts:  # every prompt is checked before any is submitted
-        params = _prepare(
-            state, prompt_ids, lambda: body.sampling_params(body.max_tokens or 16, body.logprobs, prompt_logprobs)
-        )
-    assert params is not None
+    prompt_logprobs = body.logprobs if body.echo else None  # echo: the prompt's logprobs too
+    max_tokens = body.max_tokens or 16
+    params = _prepare(state, prompts, lambda: body.sampling_params(max_tokens, body.logprobs, prompt_logprobs))
     rendering = Rendering.of(state, body, chat=False)
     return await _respond(state, request, "/v1/completions", prompts, params, body, rendering)
 
@@ -756,7 +758,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     room = state.async_engine.engine.max_model_len - len(prompt_ids)
     max_tokens = body.max_completion_tokens or body.max_tokens or max(room, 1)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    params = _prepare(state, prompt_ids, lambda: body.sampling_params(max_tokens, logprobs))
+    params = _prepare(state, [prompt_ids], lambda: body.sampling_params(max_tokens, logprobs))
     rendering = Rendering.of(state, body, chat=True)
     return await _respond(state, request, "/v1/chat/completions", [prompt_ids], params, body, rendering)
 
